@@ -1,0 +1,522 @@
+"""
+bpe.py: a byte-level BPE tokenizer, trained from scratch.
+
+Byte-pair encoding (Sennrich et al. 2016, as used by GPT-2) in four steps:
+  1. split text on special tokens such as <|endoftext|>: they are never merged;
+  2. pre-tokenize each part with a regex into "words" (GPT2_PATTERN below);
+  3. start every word as its UTF-8 bytes, so any text can be encoded (ids 0..255);
+  4. training: repeatedly merge the most frequent adjacent pair into a new token.
+     encoding: repeatedly merge the adjacent pair whose merged bytes have the
+     lowest rank (id), exactly as tiktoken does, until no pair is in the vocab.
+
+    tok = train(["some text", pathlib.Path("corpus.txt")], vocab_size=4096)
+    ids = tok.encode("hello world")           # pure Python, the readable reference
+    ids = tok.to_tiktoken().encode("hello")   # same ids, ~10x faster (Rust)
+    tok.save("data/x/tokenizer.bpe"); tok = Tokenizer.load("data/x/tokenizer.bpe")
+
+Command line: python bpe.py --input a.txt b.txt --vocab_size=4096 --out tok.bpe
+Read next: prepare.py, which tokenizes datasets into shards with this file.
+"""
+import argparse
+import base64
+import codecs
+import collections
+import heapq
+import json
+import multiprocessing
+import os
+import re
+import time
+
+import regex  # the stdlib `re` has no \p{L} (any letter) classes
+
+# GPT-2's split: contractions, letters, digits, other symbols (each may take one
+# leading space), then whitespace. `\s+(?!\S)` leaves the last space of a run to
+# start the next word, so " world" stays one word after many spaces.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# Speed trick: on ASCII text the same pattern with ASCII classes matches the same
+# words, and the stdlib `re` runs it about twice as fast as `regex` (test_all checks).
+GPT2_PATTERN_ASCII = re.compile(r"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+""", re.ASCII)
+EOT = "<|endoftext|>"
+CHUNK_CHARS = 1 << 20  # text sent to a counting worker at a time
+
+# -----------------------------------------------------------------------------
+# Training, part 1: count pre-tokens ("words"), in parallel over chunks of text
+
+
+def _special_regex(specials):
+    # longest first: regex alternation takes the first option that matches, so
+    # among overlapping special tokens starting at one place the longest wins
+    specials = sorted(specials, key=len, reverse=True)
+    return regex.compile("|".join(regex.escape(s) for s in specials)) if specials else None
+
+
+def _read_file(path):
+    """Yields the text of a UTF-8 file in blocks, never holding the whole file. Bytes
+    that are not UTF-8 are rejected rather than silently replaced: the caller decides."""
+    utf8, done = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(CHUNK_CHARS)
+            try:
+                yield utf8.decode(data, final=not data)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: not valid UTF-8 near byte {done + e.start} ({e.reason}). Convert it "
+                                 "to UTF-8, or read it with errors='replace' and pass the text as a string") from None
+            if not data:
+                return
+            done += len(data)
+
+
+def _cut(buf, special_re, max_special):
+    """Where to cut buf so that both sides count as they would uncut: after the last
+    special token (one that ends max_special or more before the end, so it cannot
+    grow into a longer one), else at the last newline after a letter or digit: no
+    pre-token spans that in GPT-2's pattern or Llama 3's. 0 if there is no such place."""
+    cut = 0
+    for m in special_re.finditer(buf) if special_re else ():
+        if m.end() <= len(buf) - max_special:
+            cut = m.end()
+    if cut == 0 and (m := regex.search(r"(?r)[\p{L}\p{N}]\n", buf)):  # (?r): search from the right
+        cut = m.start() + 1
+    return cut
+
+
+def _chunks(texts, special_re, max_special):
+    """Cuts the input into chunks of about CHUNK_CHARS or more, at places that do not
+    depend on the number of workers: the end of each string or file, and _cut()."""
+    for item in texts:
+        if isinstance(item, os.PathLike):
+            blocks = _read_file(item)
+        elif isinstance(item, str):
+            blocks = (item[i:i + CHUNK_CHARS] for i in range(0, len(item), CHUNK_CHARS))
+        else:
+            raise TypeError(f"train() takes strings (text) and os.PathLike objects (files), not {type(item).__name__}")
+        buf = ""
+        for block in blocks:
+            buf += block
+            while len(buf) >= CHUNK_CHARS and (cut := _cut(buf, special_re, max_special)):
+                yield buf[:cut]
+                buf = buf[cut:]
+        if buf:
+            yield buf
+
+
+def _count_words(chunk, specials, pattern):
+    """Counts the pre-tokens of one chunk: special tokens cut the text and are dropped."""
+    special_re = _special_regex(specials)
+    parts = special_re.split(chunk) if special_re else [chunk]
+    counts = collections.Counter()
+    for part in parts:
+        if pattern == GPT2_PATTERN and part.isascii():
+            counts.update(GPT2_PATTERN_ASCII.findall(part))
+        else:
+            counts.update(regex.findall(pattern, part))
+    return counts
+
+
+def count_words(texts, specials, pattern, workers):
+    """Pre-token counts over the whole input. Memory holds the counts and the chunks in flight."""
+    chunks = _chunks(texts, _special_regex(specials), max((len(s) for s in specials), default=0))
+    counts, t0 = collections.Counter(), time.time()
+    if workers == 1:
+        for chunk in chunks:
+            counts.update(_count_words(chunk, specials, pattern))
+        return counts
+    with multiprocessing.Pool(workers) as pool:
+        pending, n_chars, last_print = collections.deque(), 0, t0
+        for chunk in chunks:
+            n_chars += len(chunk)
+            pending.append(pool.apply_async(_count_words, (chunk, specials, pattern)))
+            if len(pending) >= 2 * workers:  # bounded: read ahead at most two chunks per worker
+                counts.update(pending.popleft().get())
+            if time.time() - last_print > 5:
+                print(f"bpe: counted {n_chars / 1e6:.0f}M characters, {time.time() - t0:.0f}s", flush=True)
+                last_print = time.time()
+        for p in pending:
+            counts.update(p.get())
+    return counts
+
+# -----------------------------------------------------------------------------
+# Training, part 2: the merge loop
+
+
+def _desc_key(token: bytes):
+    # heapq pops the smallest entry, but ties must go to the GREATEST pair of byte
+    # strings. This str sorts in reverse byte order: byte x is chr(256 - x), and the
+    # final chr(257) makes b"a" sort after b"ab" (b"a" < b"ab"). As it ends in the
+    # largest character, key(left) + key(right) sorts like the pair (left, right).
+    return "".join(chr(256 - x) for x in token) + chr(257)
+
+
+def train(texts, vocab_size, special_tokens=(EOT,), pattern=GPT2_PATTERN, workers=None):
+    """Trains a byte-level BPE on `texts`, an iterable of strings (text) and
+    os.PathLike objects such as pathlib.Path (UTF-8 files, read in blocks).
+
+    Ids: 256 bytes, then one token per merge, then the special tokens; vocab_size
+    counts all three. The most frequent pair is merged first; ties go to the
+    lexicographically greatest pair of byte strings, i.e. max over
+    (count, (left_bytes, right_bytes)), so training is deterministic.
+    A file that is not valid UTF-8 is rejected with an error naming it.
+    """
+    special_tokens = list(special_tokens)
+    _check_specials(special_tokens)
+    n_tokens = vocab_size - len(special_tokens)
+    if n_tokens < 256:
+        raise ValueError(f"vocab_size={vocab_size} is too small: it needs at least 256 byte tokens "
+                         f"+ {len(special_tokens)} special tokens = {256 + len(special_tokens)}")
+    counts = count_words(texts, special_tokens, pattern, workers or os.cpu_count() or 1)
+    if not counts:
+        raise ValueError("the corpus is empty: no text to train on, outside special tokens")
+
+    # Speed trick: a word is a str with one character per token, chr(id), so finding
+    # and merging a pair are C string operations (`pair in w`, w.replace). Pairs are
+    # 2-character strings. Bytes 0..255 are chr(0..255), so latin-1 makes the words.
+    words = [w.encode("utf-8").decode("latin-1") for w in counts]
+    freqs = list(counts.values())  # words[i] was seen freqs[i] times
+    del counts
+    vocab = [bytes([b]) for b in range(256)]  # id -> bytes
+    ids = {t: i for i, t in enumerate(vocab)}  # bytes -> id
+    keys = [_desc_key(t) for t in vocab]
+    pair_counts = collections.defaultdict(int)  # pair -> occurrences in the corpus
+    where = collections.defaultdict(set)  # pair -> indices of the words that (may) hold it
+    for i, (w, f) in enumerate(zip(words, freqs)):
+        for k in range(len(w) - 1):
+            pair_counts[w[k:k + 2]] += f
+            where[w[k:k + 2]].add(i)
+    # A max-heap of pairs as (-count, tie-break key, pair). Entries go stale as counts
+    # change: a pair is pushed again when its count grows, and when an entry is popped
+    # with a count that has fallen since (never pushing on a fall halves the heap).
+    heap = [(-c, keys[ord(p[0])] + keys[ord(p[1])], p) for p, c in pair_counts.items()]
+    heapq.heapify(heap)
+
+    merges, t0, last_print = [], time.time(), time.time()
+    n_merges = n_tokens - 256
+    while len(vocab) < n_tokens and heap:
+        neg, key, pair = heapq.heappop(heap)
+        count = pair_counts.get(pair, 0)
+        if count != -neg:  # stale
+            if 0 < count < -neg:
+                heapq.heappush(heap, (-count, key, pair))
+            continue
+        # Guard: if the merged bytes were already a token, made by another pair (("ab",
+        # "c") and ("a", "bc") both give "abc"), reuse it, as encoding by rank would.
+        # A search of 200k small random corpora never hit this, but a duplicate would
+        # break the bytes -> id map.
+        a, b = vocab[ord(pair[0])], vocab[ord(pair[1])]
+        new = ids.get(a + b)
+        if new is None:
+            new = ids[a + b] = len(vocab)
+            vocab.append(a + b)
+            keys.append(keys[ord(pair[0])][:-1] + keys[ord(pair[1])])  # = _desc_key(a + b)
+            merges.append((a, b))
+        # Rewrite only the words that hold the pair, and change only the counts of the
+        # pairs next to each occurrence: x a b y -> x N y, or a b a b -> N N.
+        N, delta = chr(new), collections.defaultdict(int)  # delta: pair -> change in count
+        for i in where.pop(pair):
+            w, f = words[i], freqs[i]
+            k, end = w.find(pair), -1  # end: where the previous occurrence ended
+            if k < 0:
+                continue  # an out-of-date entry in `where`
+            while k >= 0:
+                nxt = w.find(pair, k + 2)  # non-overlapping, left to right, as str.replace
+                if k > 0:  # the pair on the left, x a, becomes x N (or N N after a merge)
+                    delta[w[k - 1:k + 1]] -= f
+                    left = (N if end == k else w[k - 1]) + N
+                    delta[left] += f
+                    where[left].add(i)
+                if k + 2 < len(w) and nxt != k + 2:  # the pair on the right, b y, becomes N y
+                    delta[w[k + 1:k + 3]] -= f
+                    right = N + w[k + 2]
+                    delta[right] += f
+                    where[right].add(i)
+                k, end = nxt, k + 2
+            words[i] = w.replace(pair, N)
+        del pair_counts[pair]
+        delta.pop(pair, None)
+        for p, d in delta.items():
+            c = pair_counts[p] = pair_counts[p] + d
+            if c <= 0:
+                del pair_counts[p]
+            elif d > 0:
+                heapq.heappush(heap, (-c, keys[ord(p[0])] + keys[ord(p[1])], p))
+        if time.time() - last_print > 5:
+            print(f"bpe: merge {len(merges)}/{n_merges}, {time.time() - t0:.0f}s", flush=True)
+            last_print = time.time()
+    if len(vocab) < n_tokens:
+        print(f"bpe: the corpus ran out of pairs after {len(merges)} merges; "
+              f"the vocab has {len(vocab) + len(special_tokens)} tokens, not {vocab_size}")
+    specials = {s: len(vocab) + k for k, s in enumerate(special_tokens)}
+    return Tokenizer(ids, merges, specials, pattern)
+
+
+def _check_specials(specials):
+    for s in specials:
+        if not isinstance(s, str) or not s:
+            raise ValueError(f"special tokens must be non-empty strings, got {s!r}")
+    dup = [s for s, n in collections.Counter(specials).items() if n > 1]
+    if dup:
+        raise ValueError(f"special token {dup[0]!r} is listed twice")
+
+# -----------------------------------------------------------------------------
+# The tokenizer: encode, decode, save, load
+
+
+class Tokenizer:
+    """ranks: bytes -> id for the mergeable tokens (the 256 bytes and the merges);
+    merges: (left, right) byte strings in training order; special_tokens: text -> id."""
+
+    def __init__(self, ranks, merges, special_tokens, pattern=GPT2_PATTERN):
+        self.ranks, self.merges, self.pattern = dict(ranks), list(merges), pattern
+        self.special_tokens = dict(special_tokens)
+        _check_specials(list(self.special_tokens))
+        self.vocab = {i: t for t, i in self.ranks.items()}
+        self.vocab.update({i: s.encode("utf-8") for s, i in self.special_tokens.items()})
+        n = len(self.ranks) + len(self.special_tokens)
+        if sorted(self.vocab) != list(range(n)):
+            raise ValueError(f"token ids must be 0..{n - 1}, each used once")
+        missing = [b for b in range(256) if bytes([b]) not in self.ranks]
+        if missing:
+            raise ValueError(f"byte {missing[0]} has no token: a byte-level BPE needs all 256")
+        for left, right in self.merges:
+            if left + right not in self.ranks:
+                raise ValueError(f"merge {left!r} + {right!r} makes no token in the vocab")
+        self._pat = regex.compile(pattern)
+        self._cache = {}  # pre-token -> ids, the pure-Python encoder's speed trick
+
+    @property
+    def n_vocab(self):
+        return len(self.vocab)
+
+    @property
+    def eot_id(self):
+        return self.special_tokens.get(EOT)
+
+    # --- encoding ---
+
+    def _bpe(self, piece: bytes):
+        """tiktoken's rule: join the adjacent pair whose bytes have the lowest rank (the
+        leftmost on ties) until no joined pair is a token. parts is a linked list of
+        start offsets and a heap holds the candidate joins, so a long piece (a run of
+        10^5 spaces) costs O(n log n), not O(n^2)."""
+        ranks, n = self.ranks, len(piece)
+        if piece in ranks:
+            return [ranks[piece]]
+        nxt = list(range(1, n + 1))  # start of the part after the part starting at i
+        prv = list(range(-1, n - 1))
+        heap = []
+
+        def push(i):  # the candidate join of the part at i with the next one
+            if nxt[i] < n:
+                end = nxt[nxt[i]]
+                r = ranks.get(piece[i:end])
+                if r is not None:
+                    heapq.heappush(heap, (r, i, end))
+
+        for i in range(n - 1):
+            push(i)
+        alive = [True] * n
+        while heap:
+            r, i, end = heapq.heappop(heap)
+            if not alive[i] or nxt[i] >= n or nxt[nxt[i]] != end:
+                continue  # stale: a part it joined has changed since
+            j = nxt[i]  # join part j into part i
+            alive[j] = False
+            nxt[i] = nxt[j]
+            if nxt[j] < n:
+                prv[nxt[j]] = i
+            push(i)
+            if prv[i] >= 0:
+                push(prv[i])
+        out, i = [], 0
+        while i < n:
+            out.append(ranks[piece[i:nxt[i]]])
+            i = nxt[i]
+        return out
+
+    def encode_ordinary(self, text):
+        """Encodes text, treating special-token text as ordinary text."""
+        out, cache = [], self._cache
+        for piece in self._pat.findall(text):
+            ids = cache.get(piece)
+            if ids is None:
+                if len(cache) >= 1 << 14:
+                    cache.clear()  # bounded memory (~3 MB); hit rates barely change
+                ids = cache[piece] = self._bpe(piece.encode("utf-8"))
+            out.extend(ids)
+        return out
+
+    def _special_sets(self, allowed_special, disallowed_special):
+        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
+        if disallowed_special == "all":
+            return allowed, set(self.special_tokens) - allowed
+        return allowed, set(disallowed_special)
+
+    def encode(self, text, allowed_special=(), disallowed_special="all"):
+        """As in tiktoken: special-token text raises unless allowed (then it becomes the
+        special token) or disallowed_special=() (then it is encoded as ordinary text)."""
+        allowed, disallowed = self._special_sets(allowed_special, disallowed_special)
+        if disallowed and (m := _special_regex(disallowed).search(text)):
+            raise ValueError(f"the text holds the special token {m.group()!r}. Pass allowed_special={{{m.group()!r}}} "
+                             "to encode it as that token, or disallowed_special=() to encode it as text")
+        if not allowed:
+            return self.encode_ordinary(text)
+        out, start = [], 0
+        for m in _special_regex(allowed).finditer(text):
+            out += self.encode_ordinary(text[start:m.start()])
+            out.append(self.special_tokens[m.group()])
+            start = m.end()
+        return out + self.encode_ordinary(text[start:])
+
+    def encode_iterable(self, texts, allowed_special=(), disallowed_special="all"):
+        """Yields the ids of the concatenation of `texts` (e.g. a file's lines), holding
+        only the text whose ids are not settled yet, never the whole input."""
+        allowed, disallowed = self._special_sets(allowed_special, disallowed_special)
+        allowed_re, watched = _special_regex(allowed), allowed | disallowed
+        buf = ""
+        for text in texts:
+            buf += text
+            # hold back an end that could still become a special token ...
+            keep = max((k for s in watched for k in range(1, len(s) + 1) if buf.endswith(s[:k])), default=0)
+            head = buf[:len(buf) - keep]
+            # ... and the last pre-token, which could still grow ("hel" + "lo")
+            start = last = 0
+            for m in allowed_re.finditer(head) if allowed_re else ():
+                start = last = m.end()  # pre-tokens restart after a special token
+            for m in self._pat.finditer(head, start):
+                last = m.start()
+            if last:
+                yield from self.encode(buf[:last], allowed, disallowed)
+                buf = buf[last:]
+        yield from self.encode(buf, allowed, disallowed)
+
+    # --- decoding ---
+
+    def decode_bytes(self, ids):
+        try:
+            return b"".join(self.vocab[i] for i in ids)
+        except KeyError as e:
+            raise ValueError(f"token id {e.args[0]} is not in this vocab of {self.n_vocab}") from None
+
+    def decode(self, ids):
+        # one token can hold part of a UTF-8 character: a bad sequence becomes U+FFFD
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def stream_decoder(self):
+        return StreamDecoder(self)
+
+    # --- files ---
+
+    def save(self, path):
+        """Writes `path` in tiktoken's ranks format and `path`.json with the rest."""
+        lines = [f"{base64.b64encode(t).decode()} {i}\n" for t, i in sorted(self.ranks.items(), key=lambda x: x[1])]
+        side = {"pattern": self.pattern, "special_tokens": self.special_tokens,
+                "merges": [[self.ranks[left], self.ranks[right]] for left, right in self.merges]}
+        _write_atomic(str(path) + ".json", json.dumps(side, ensure_ascii=False))
+        _write_atomic(path, "".join(lines))
+
+    @classmethod
+    def load(cls, path):
+        path, ranks = str(path), {}
+        where = path
+        try:
+            with open(path, encoding="ascii") as f:
+                for n, line in enumerate(f, 1):
+                    where = f"{path}, line {n}"
+                    token, rank = line.split()
+                    ranks[base64.b64decode(token, validate=True)] = int(rank)
+            where = path + ".json"
+            with open(where, encoding="utf-8") as f:
+                side = json.load(f)
+            vocab = {i: t for t, i in ranks.items()}
+            merges = [(vocab[a], vocab[b]) for a, b in side["merges"]]
+            where = f"{path} + {path}.json"
+            return cls(ranks, merges, side["special_tokens"], side["pattern"])
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e.filename}: no such tokenizer file; train one with "
+                                    "`python bpe.py --input FILE --out PATH` or run prepare.py") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{where}: corrupt tokenizer file ({type(e).__name__}: {e}); "
+                             "train it again with bpe.py or prepare.py") from None
+
+    @classmethod
+    def from_gpt2_files(cls, vocab_bpe, encoder_json):
+        """Loads GPT-2's original vocab.bpe (the merges) + encoder.json (token -> id).
+        GPT-2 writes each byte as a printable character: bytes that print stand for
+        themselves, the others for chr(256), chr(257), ... in byte order."""
+        printable = {*range(33, 127), *range(161, 173), *range(174, 256)}
+        others = [b for b in range(256) if b not in printable]
+        byte_of = {chr(b): b for b in printable} | {chr(256 + k): b for k, b in enumerate(others)}
+        as_bytes = lambda s: bytes(byte_of[c] for c in s)  # noqa: E731
+        try:
+            with open(vocab_bpe, encoding="utf-8") as f:
+                lines = f.read().split("\n")
+            merges = [tuple(as_bytes(s) for s in line.split(" ")) for line in lines[1:] if line]  # [0]: "#version"
+            with open(encoder_json, encoding="utf-8") as f:
+                encoder = json.load(f)
+            mergeable = {chr(256 + k) for k in range(len(others))} | {chr(b) for b in printable}
+            mergeable |= {"".join(line.split(" ")) for line in lines[1:] if line}
+            ranks = {as_bytes(s): i for s, i in encoder.items() if s in mergeable}
+            specials = {s: i for s, i in encoder.items() if s not in mergeable}
+            return cls(ranks, merges, specials, GPT2_PATTERN)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{vocab_bpe} + {encoder_json}: not GPT-2 tokenizer files ({type(e).__name__}: {e})") from None
+
+    # --- the fast path ---
+
+    def to_tiktoken(self, name="bpe"):
+        """A tiktoken.Encoding with the same ranks, pattern and special tokens: same ids."""
+        import tiktoken
+        specials = sorted(self.special_tokens)
+        for s, t in zip(specials, specials[1:]):  # sorted: a prefix sorts right before its extensions
+            if t.startswith(s):
+                raise ValueError(f"special tokens {s!r} and {t!r} overlap; tiktoken does not promise the "
+                                 "longest match (encode() does), so use encode() for this tokenizer")
+        return tiktoken.Encoding(name, pat_str=self.pattern, mergeable_ranks=self.ranks,
+                                 special_tokens=self.special_tokens)
+
+
+class StreamDecoder:
+    """Decodes ids as they are generated. A token can end inside a multi-byte UTF-8
+    character; its bytes are held back until the character is complete.
+    Works with a Tokenizer or a tiktoken.Encoding (anything with decode_bytes)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, ids):
+        return self.utf8.decode(self.tokenizer.decode_bytes(ids))
+
+    def flush(self):
+        return self.utf8.decode(b"", final=True)
+
+
+def _write_atomic(path, text):
+    # write then rename: an interrupted save never leaves a file that looks complete
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+if __name__ == "__main__":
+    import pathlib
+    ap = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer on UTF-8 text files.")
+    ap.add_argument("--input", nargs="+", required=True, help="UTF-8 text files")
+    ap.add_argument("--vocab_size", type=int, required=True, help="256 bytes + merges + special tokens")
+    ap.add_argument("--out", required=True, help="where to save (tiktoken ranks; the rest in OUT.json)")
+    ap.add_argument("--special_tokens", nargs="*", default=[EOT])
+    ap.add_argument("--workers", type=int, default=None, help="processes for counting (default: all cores)")
+    args = ap.parse_args()
+    for p in args.input:
+        if not os.path.isfile(p):
+            ap.error(f"--input {p}: no such file")
+    t0 = time.time()
+    try:
+        tok = train([pathlib.Path(p) for p in args.input], args.vocab_size, args.special_tokens, workers=args.workers)
+    except ValueError as e:
+        ap.exit(1, f"bpe.py: error: {e}\n")
+    tok.save(args.out)
+    print(f"bpe: {tok.n_vocab} tokens in {time.time() - t0:.1f}s, saved to {args.out} and {args.out}.json")
