@@ -151,7 +151,8 @@ def _desc_key(token: bytes):
 
 def train(texts, vocab_size, special_tokens=(EOT,), pattern=GPT2_PATTERN, workers=None):
     """Trains a byte-level BPE on `texts`, an iterable of strings (text) and
-    os.PathLike objects such as pathlib.Path (UTF-8 files, read in blocks).
+    os.PathLike objects such as pathlib.Path (UTF-8 files, read in blocks). Each
+    string or file ends a document: no word spans two.
 
     Ids: 256 bytes, then one token per merge, then the special tokens; vocab_size
     counts all three. The most frequent pair is merged first; ties go to the
