@@ -102,39 +102,58 @@ def _chunks(texts, special_re, max_special):
             yield buf
 
 
-def _count_words(chunk, specials, pattern):
-    """Counts the pre-tokens of one chunk: special tokens cut the text and are dropped."""
+def _count_words(chunks, specials, pattern):
+    """Counts the pre-tokens of some chunks: special tokens cut the text and are dropped."""
     special_re = _special_regex(specials)
-    parts = special_re.split(chunk) if special_re else [chunk]
     counts = collections.Counter()
-    for part in parts:
-        if pattern == GPT2_PATTERN and part.isascii():
-            counts.update(GPT2_PATTERN_ASCII.findall(part))
-        else:
-            counts.update(regex.findall(pattern, part))
+    for chunk in chunks:
+        for part in special_re.split(chunk) if special_re else [chunk]:
+            if pattern == GPT2_PATTERN and part.isascii():
+                counts.update(GPT2_PATTERN_ASCII.findall(part))
+            else:
+                counts.update(regex.findall(pattern, part))
     return counts
+
+
+def batched(texts):
+    """Groups strings (short documents, say) into lists of about CHUNK_CHARS characters."""
+    batch, n = [], 0
+    for text in texts:
+        batch.append(text)
+        n += len(text)
+        if n >= CHUNK_CHARS:
+            yield batch
+            batch, n = [], 0
+    if batch:
+        yield batch
+
+
+def pool_map(fn, jobs, workers):
+    """Yields fn(*job) for each job, in order, computed by `workers` processes with at
+    most two jobs per worker in flight, so a long stream of jobs never piles up in
+    memory (Pool.imap reads its input ahead without limit). workers=1: no processes."""
+    if workers == 1:
+        yield from (fn(*job) for job in jobs)
+        return
+    with multiprocessing.Pool(workers) as pool:
+        pending = collections.deque()
+        for job in jobs:
+            pending.append(pool.apply_async(fn, job))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
 
 
 def count_words(texts, specials, pattern, workers):
     """Pre-token counts over the whole input. Memory holds the counts and the chunks in flight."""
     chunks = _chunks(texts, _special_regex(specials), max((len(s) for s in specials), default=0))
-    counts, t0 = collections.Counter(), time.time()
-    if workers == 1:
-        for chunk in chunks:
-            counts.update(_count_words(chunk, specials, pattern))
-        return counts
-    with multiprocessing.Pool(workers) as pool:
-        pending, n_chars, last_print = collections.deque(), 0, t0
-        for chunk in chunks:
-            n_chars += len(chunk)
-            pending.append(pool.apply_async(_count_words, (chunk, specials, pattern)))
-            if len(pending) >= 2 * workers:  # bounded: read ahead at most two chunks per worker
-                counts.update(pending.popleft().get())
-            if time.time() - last_print > 5:
-                print(f"bpe: counted {n_chars / 1e6:.0f}M characters, {time.time() - t0:.0f}s", flush=True)
-                last_print = time.time()
-        for p in pending:
-            counts.update(p.get())
+    counts, t0, last_print = collections.Counter(), time.time(), time.time()
+    for n, chunk_counts in enumerate(pool_map(_count_words, ((b, specials, pattern) for b in batched(chunks)), workers)):
+        counts.update(chunk_counts)
+        if time.time() - last_print > 5:
+            print(f"bpe: counted {n + 1} MB of text, {time.time() - t0:.0f}s", flush=True)
+            last_print = time.time()
     return counts
 
 # -----------------------------------------------------------------------------
