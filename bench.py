@@ -6,18 +6,22 @@ bench.py: every benchmark of the project, printed as markdown tables.
 
 Each section times our code and a reference in the same run, on the same machine,
 and prints the ratio. Numbers go into README.md with the date, device and versions.
-Read the code it measures first: bpe.py.
+Read the code it measures first: bpe.py, prepare.py.
 """
+import contextlib
 import datetime
+import io
 import os
 import pathlib
 import platform
 import sys
-import sysconfig
 import tempfile
 import time
 
+import numpy as np
+
 import bpe
+import prepare
 
 
 def best_of(fn, repeat=3):
@@ -45,13 +49,6 @@ def header(title, versions):
           ", ".join(f"{k} {v}" for k, v in versions.items()) + "\n")
 
 
-def stdlib_corpus():
-    """The offline corpus: the standard library's .py files in sorted order (no
-    site-packages), as documents. A few test files are not UTF-8: replaced."""
-    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    files = [p for p in sorted(root.rglob("*.py")) if "site-packages" not in p.parts]
-    return [p.read_bytes().decode("utf-8", errors="replace") for p in files]
-
 # -----------------------------------------------------------------------------
 # tokenizer: training time against Hugging Face tokenizers, encoding speed against tiktoken
 
@@ -65,7 +62,7 @@ def bench_tokenizer(vocab_sizes=(8192, 32768)):
         tokenizers = None
     versions = {"regex": regex.__version__, "tiktoken": tiktoken.__version__,
                 "tokenizers": tokenizers.__version__ if tokenizers else "not installed"}
-    docs = stdlib_corpus()
+    docs = list(prepare.stdlib_docs("train"))
     text = bpe.EOT.join(docs)
     mb = len(text.encode("utf-8")) / 1e6
     with tempfile.TemporaryDirectory() as tmp:
@@ -128,7 +125,44 @@ def cold(tok):
     return encode
 
 
-SECTIONS = {"tokenizer": bench_tokenizer}
+# -----------------------------------------------------------------------------
+# prepare: tokenizing documents into shards over all cores, against one tiktoken process
+
+
+def bench_prepare():
+    import tiktoken
+    docs = list(prepare.stdlib_docs("train"))
+    mb = sum(len(d.encode("utf-8")) for d in docs) / 1e6
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            spec, enc = "gpt2", tiktoken.get_encoding("gpt2")
+        except Exception:  # offline without tiktoken's cached gpt2 files: our own BPE
+            bpe.train(docs, 4096).save(os.path.join(tmp, "tok.bpe"))
+            spec, enc = "tok.bpe", prepare.load_tokenizer("tok.bpe", tmp)
+        dtype = prepare.token_dtype(enc.n_vocab)
+        prepare._encoders.clear()  # workers load the tokenizer themselves, as in a real run
+
+        def ours():
+            with contextlib.redirect_stdout(io.StringIO()):
+                prepare.tokenize_split(docs, "train", tmp, spec, enc.eot_token, dtype, os.cpu_count())
+
+        def reference():  # the same work in one process: encode, then one array
+            ids = []
+            for doc in docs:
+                ids.append(enc.eot_token)
+                ids += enc.encode_ordinary(doc)
+            np.array(ids, dtype=dtype).tofile(os.path.join(tmp, "ref.bin"))
+
+        t_ref, t_ours = best_of(reference), best_of(ours)
+    header(f"Tokenizing into shards: {mb:.1f} MB of stdlib source, tokenizer {spec}",
+           {"tiktoken": tiktoken.__version__, "numpy": np.__version__})
+    print("| pipeline | MB/s | speedup |")
+    print("|---|---:|---:|")
+    print(f"| tiktoken, one process (reference) | {mb / t_ref:.1f} | 1.00x |")
+    print(f"| prepare.py, {os.cpu_count()} processes, writing shards | {mb / t_ours:.1f} | **{t_ref / t_ours:.2f}x** |")
+
+
+SECTIONS = {"tokenizer": bench_tokenizer, "prepare": bench_prepare}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(SECTIONS)

@@ -397,3 +397,234 @@ def test_bpe_cli(tmp_path):
         run = subprocess.run([sys.executable, "bpe.py", *args, "--vocab_size=300", f"--out={out}"],
                              cwd=ROOT, capture_output=True, text=True)
         assert run.returncode != 0 and msg in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+# -----------------------------------------------------------------------------
+# prepare.py
+
+import gzip
+import http.server
+import json
+import threading
+
+import numpy as np
+
+import prepare
+
+
+class FileServer(http.server.BaseHTTPRequestHandler):
+    """Serves FILES on 127.0.0.1. Paths pick a behaviour: /cut/... sends half of the
+    file on the first request only, /norange/... ignores Range, /flaky/... answers 503
+    twice first, anything unknown is a 404. Requests are logged in LOG."""
+    FILES, LOG = {}, []
+
+    def do_GET(self):
+        kind, _, name = self.path.strip("/").partition("/")
+        self.LOG.append((self.path, self.headers.get("Range"), self.headers.get("Authorization")))
+        seen = sum(1 for p, _, _ in self.LOG if p == self.path)
+        data = self.FILES.get(name)
+        if data is None:
+            return self.send_error(404)
+        if kind == "flaky" and seen <= 2:
+            return self.send_error(503)
+        start = 0
+        if self.headers.get("Range") and kind != "norange":
+            start = int(self.headers["Range"].split("=")[1].rstrip("-"))
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(data) - start))
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.end_headers()
+        if kind == "cut" and seen == 1:
+            self.wfile.write(data[:len(data) // 2])  # then the connection drops
+            self.close_connection = True
+            return
+        self.wfile.write(data[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FileServer)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_port}"
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture
+def fast_retries(monkeypatch):
+    monkeypatch.setattr(prepare, "BACKOFF", 0.0)
+    FileServer.LOG.clear()
+
+
+def test_configure(tmp_path):
+    settings = {"dataset": "stdlib", "n_layer": 4, "lr": 1e-3, "compile": True, "betas": (0.9, 0.95),
+                "device": None, "CONSTANT": 1, "_private": 2, "module": np}
+    resolved = prepare.configure(settings, ["--n_layer=6", "--lr=1", "--betas=[0.8, 0.9]", "--dataset=123",
+                                            "--device=cuda", "--compile=False"])
+    assert resolved == {"dataset": "123", "n_layer": 6, "lr": 1.0, "compile": False, "betas": (0.8, 0.9),
+                        "device": "cuda"}
+    assert settings["n_layer"] == 6 and isinstance(settings["lr"], float)
+    config = tmp_path / "x.py"
+    config.write_text("n_layer = 12\nlr = 3e-4\nblock_size = 1024  # a key for another script\n")
+    with pytest.raises(SystemExit, match="unknown setting 'block_size' in .*x.py"):
+        prepare.configure(dict(settings), [str(config)])
+    s = dict(settings)
+    prepare.configure(s, [str(config), "--lr=0.5"], others_in_file=True)  # the command line wins
+    assert (s["n_layer"], s["lr"]) == (12, 0.5)
+    for argv, msg in [(["--n_layers=2"], "unknown setting 'n_layers'.*did you mean n_layer"),
+                      (["--n_layer=2.5"], "'n_layer'.* must be a int"), (["--compile=1"], "'compile'.* must be a bool"),
+                      (["--lr=fast"], "'lr'.* must be a float"), (["n_layer=2"], "no-such|not found"),
+                      (["--n_layer"], "expected --key=value"), ([str(config), "--n_layer"], "expected --key=value")]:
+        with pytest.raises(SystemExit, match=msg):
+            prepare.configure(dict(settings), argv, others_in_file=True)
+
+
+def test_download_full_resumed_and_restarted(server, tmp_path, fast_retries):
+    data = os.urandom(3_000_000)
+    FileServer.FILES["a.bin"] = data
+    sha = hashlib.sha256(data).hexdigest()
+    for kind in ("plain", "cut", "flaky"):
+        path = prepare.download(f"{server}/{kind}/a.bin", str(tmp_path / f"{kind}.bin"), size=len(data), sha256=sha)
+        assert open(path, "rb").read() == data and not os.path.exists(path + ".part")
+    ranges = [r for p, r, _ in FileServer.LOG if p == "/cut/a.bin"]
+    assert len(ranges) == 2 and ranges[0] is None  # the second request resumed where the first stopped
+    assert len(data) // 2 - (1 << 16) <= int(ranges[1][6:-1]) <= len(data) // 2
+    # a server that ignores Range: the resumed request gets the whole file, so start again
+    part = tmp_path / "norange.bin.part"
+    part.write_bytes(data[:1000] + b"garbage")
+    path = prepare.download(f"{server}/norange/a.bin", str(tmp_path / "norange.bin"), sha256=sha)
+    assert open(path, "rb").read() == data
+    # an existing file is not fetched again
+    n = len(FileServer.LOG)
+    prepare.download(f"{server}/plain/a.bin", str(tmp_path / "plain.bin"))
+    assert len(FileServer.LOG) == n
+
+
+def test_download_errors(server, tmp_path, fast_retries, monkeypatch):
+    FileServer.FILES["b.bin"] = b"x" * 1000
+    with pytest.raises(prepare.DownloadError, match="sha256 does not match"):
+        prepare.download(f"{server}/plain/b.bin", str(tmp_path / "b.bin"), sha256="0" * 64)
+    with pytest.raises(prepare.DownloadError, match="1000 bytes, expected 999"):
+        prepare.download(f"{server}/plain/b.bin", str(tmp_path / "b.bin"), size=999)
+    assert not os.listdir(tmp_path)  # no final file, no .part
+    with pytest.raises(prepare.DownloadError, match="missing.bin: HTTP 404"):
+        prepare.download(f"{server}/plain/missing.bin", str(tmp_path / "m.bin"))
+    with pytest.raises(prepare.DownloadError, match=r"no-such-host\.invalid.*offline.*python prepare.py"):
+        prepare.download("https://no-such-host.invalid/x.bin", str(tmp_path / "x.bin"))
+    monkeypatch.setattr(prepare, "RETRIES", 2)
+    with pytest.raises(prepare.DownloadError, match="after 2 attempts"):
+        prepare.download(f"{server}/flaky/b.bin", str(tmp_path / "f.bin"))
+    # HF_TOKEN goes to the Hugging Face endpoint only
+    monkeypatch.setenv("HF_TOKEN", "secret")
+    monkeypatch.setattr(prepare, "HF", server + "/plain")
+    prepare.download(f"{server}/plain/b.bin", str(tmp_path / "hf.bin"))
+    prepare.download(f"{server}/cut/b.bin", str(tmp_path / "other.bin"))
+    auth = {p: a for p, _, a in FileServer.LOG}
+    assert auth["/plain/b.bin"] == "Bearer secret" and auth["/cut/b.bin"] is None
+
+
+def test_shards_round_trip_and_errors(tmp_path):
+    rng = np.random.default_rng(0)
+    for vocab, dtype, magic in [(50257, np.uint16, 20240520), (65535, np.uint16, 20240520),
+                                (65536, np.uint32, 20240801), (200_000, np.uint32, 20240801)]:
+        assert prepare.token_dtype(vocab) == dtype
+        tokens = rng.integers(0, vocab, size=1000).astype(np.int64)
+        tokens[:2] = [0, vocab - 1]
+        path = str(tmp_path / "s.bin")
+        prepare.write_shard(path, tokens, prepare.token_dtype(vocab))
+        raw = open(path, "rb").read()
+        assert np.frombuffer(raw[:12], "<i4").tolist() == [magic, 1 if dtype == np.uint16 else 7, 1000]
+        assert np.array_equal(np.frombuffer(raw[1024:], np.dtype(dtype).newbyteorder("<")), tokens)
+        assert np.array_equal(prepare.read_shard(path), tokens)
+    good = open(path, "rb").read()
+    for bad, msg in [(b"\x00" * 4 + good[4:], "not a token shard"), (good[:-3], "header promises 1000 tokens"),
+                     (good[:100], "too short")]:
+        open(path, "wb").write(bad)
+        with pytest.raises(ValueError, match=regex.escape(path) + ".*" + msg):
+            prepare.read_shard(path)
+
+
+def test_prepare_default_dataset_end_to_end(tmp_path):
+    # a subset: 60 documents per split, a 600-token BPE, shards of 50k tokens
+    cmd = [sys.executable, "prepare.py", f"--data_dir={tmp_path}", "--max_docs=60", "--tokenizer=bpe:600",
+           "--shard_size=50000"]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    out = tmp_path / "stdlib"
+    meta = json.loads((out / "meta.json").read_text())
+    tok = bpe.Tokenizer.load(out / "tokenizer.bpe")
+    assert (meta["dataset"], meta["tokenizer"], meta["vocab_size"], meta["eot_id"]) == \
+        ("stdlib", "tokenizer.bpe", 600, tok.eot_id)
+    prepare.max_docs = 60
+    try:
+        for split in ("train", "val"):
+            docs = list(prepare.limited(prepare.stdlib_docs(split)))
+            shards = sorted(out.glob(f"{split}_*.bin"))
+            tokens = np.concatenate([prepare.read_shard(p) for p in shards])
+            assert len(shards) == -(-len(tokens) // 50000) and all(len(prepare.read_shard(p)) == 50000 for p in shards[:-1])
+            assert meta[split] == {"tokens": len(tokens), "documents": len(docs),
+                                   "bytes": sum(len(d.encode()) for d in docs)}
+            # the end-of-text token comes before each document, and the ids decode back to it
+            starts = np.flatnonzero(tokens == tok.eot_id)
+            assert starts[0] == 0 and len(starts) == len(docs)
+            for doc, a, b in zip(docs, starts, list(starts[1:]) + [len(tokens)]):
+                assert tok.decode(tokens[a + 1:b].tolist()) == doc
+    finally:
+        prepare.max_docs = 0
+    run = subprocess.run(cmd + ["--dataset=tinystorie"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode != 0 and "did you mean 'tinystories'" in run.stderr and "Traceback" not in run.stderr
+    # run again: nothing to do, nothing rewritten
+    mtimes = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0 and "nothing to do" in run.stdout
+    assert mtimes == {p: p.stat().st_mtime_ns for p in out.iterdir()}
+
+
+def test_prepare_downloaded_text_and_shards(server, tmp_path, fast_retries, monkeypatch, gpt2):
+    # owt-style gzipped text split on <|endoftext|>, and fineweb-style GPT-2 shards, from the local server
+    enc = gpt2[2]
+    docs = {"train": [f"Story {i}: once upon a time, 🙂 there were {i} cats." for i in range(30)],
+            "val": ["The end.", "Really the end.\n\n"]}
+    for split, ds in docs.items():
+        FileServer.FILES[f"owt_{split}.txt.gz"] = gzip.compress(("\n<|endoftext|>\n".join(ds)).encode())
+    monkeypatch.setitem(prepare.DATASETS, "owt", dict(train=f"{server}/plain/owt_train.txt.gz",
+                                                      val=f"{server}/plain/owt_val.txt.gz", tokenizer="gpt2"))
+    for split, ds in docs.items():  # the same documents, pre-tokenized
+        ids = [t for d in ds for t in [enc.eot_token] + enc.encode_ordinary(d.strip())]
+        prepare.write_shard(str(tmp_path / "src.bin"), ids, np.uint16)
+        FileServer.FILES[f"fw_{split}_{0 if split == 'val' else 1:06d}.bin"] = (tmp_path / "src.bin").read_bytes()
+    monkeypatch.setitem(prepare.DATASETS, "fineweb10B", dict(shards=f"{server}/cut/fw_{{split}}_{{i:06d}}.bin",
+                                                             tokenizer="gpt2"))
+    monkeypatch.setattr(prepare, "data_dir", str(tmp_path / "data"))
+    monkeypatch.setattr(prepare, "num_shards", 1)
+    metas = {}
+    for name in ("owt", "fineweb10B"):
+        monkeypatch.setattr(prepare, "dataset", name)
+        prepare.prepare()
+        metas[name] = json.loads((tmp_path / "data" / name / "meta.json").read_text())
+        tokens = np.concatenate([prepare.read_shard(p) for p in sorted((tmp_path / "data" / name).glob("train_*.bin"))])
+        assert enc.decode(tokens.tolist()) == "".join("<|endoftext|>" + d.strip() for d in docs["train"])
+    for split, ds in docs.items():
+        expect = {"documents": len(ds), "bytes": sum(len(d.strip().encode()) for d in ds)}
+        for name in metas:
+            assert {k: metas[name][split][k] for k in expect} == expect
+        assert metas["owt"][split]["tokens"] == metas["fineweb10B"][split]["tokens"]
+    # shakespeare-style: one text, the first 90% is train
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n\n" * 20
+    FileServer.FILES["input.txt"] = text.encode()
+    monkeypatch.setitem(prepare.DATASETS, "shakespeare", dict(text=f"{server}/plain/input.txt", size=len(text),
+                                                              tokenizer="gpt2"))
+    monkeypatch.setattr(prepare, "dataset", "shakespeare")
+    prepare.prepare()
+    cut = int(len(text) * 0.9)
+    for split, part in (("train", text[:cut]), ("val", text[cut:])):
+        tokens = prepare.read_shard(tmp_path / "data" / "shakespeare" / f"{split}_000000.bin")
+        assert enc.decode(tokens.tolist()) == "<|endoftext|>" + part
+    with pytest.raises(SystemExit, match="pre-tokenized"):
+        monkeypatch.setattr(prepare, "dataset", "fineweb10B")
+        monkeypatch.setattr(prepare, "tokenizer", "bpe:1000")
+        prepare.prepare()
