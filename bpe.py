@@ -68,21 +68,24 @@ def _read_file(path):
             done += len(data)
 
 
-def _cut(buf, special_re, max_special):
-    """Where to cut buf so that both sides count as they would uncut: after the last
-    special token (one that ends max_special or more before the end, so it cannot
-    grow into a longer one), else at the last newline after a letter or digit: no
-    pre-token spans that in GPT-2's pattern or Llama 3's. 0 if there is no such place."""
-    cut = 0
-    for m in special_re.finditer(buf) if special_re else ():
-        if m.end() <= len(buf) - max_special:
-            cut = m.end()
-    if cut == 0 and (m := regex.search(r"(?r)[\p{L}\p{N}]\n", buf)):  # (?r): search from the right
-        cut = m.start() + 1
-    return cut
+def _spans(buf, cut, specials):
+    """Whether a special token crosses position `cut` of buf, or may once more text comes."""
+    return any(s.startswith(buf[a:a + len(s)]) for s in specials for a in range(max(0, cut - len(s) + 1), cut))
 
 
-def _chunks(texts, special_re, max_special):
+def _cut(buf, specials, boundaries, pattern):
+    """The last place where buf can be cut without changing the words on either side,
+    whatever text follows; 0 if there is none. That is after the last special token
+    of `boundaries` (those that split the text), or, with GPT-2's pattern, between a
+    letter or digit and a whitespace character (no GPT-2 word spans that); and never
+    where one of `specials` crosses. Other patterns are cut at special tokens only."""
+    ends = [m.end() for m in _special_regex(boundaries).finditer(buf)] if boundaries else []
+    if pattern == GPT2_PATTERN and (m := regex.search(r"(?r)[\p{L}\p{N}](?=\s)", buf)):  # (?r): from the right
+        ends.append(m.end())
+    return next((cut for cut in sorted(ends, reverse=True) if not _spans(buf, cut, specials)), 0)
+
+
+def _chunks(texts, specials, pattern):
     """Cuts the input into chunks of about CHUNK_CHARS or more, at places that do not
     depend on the number of workers: the end of each string or file, and _cut()."""
     for item in texts:
@@ -95,7 +98,7 @@ def _chunks(texts, special_re, max_special):
         buf = ""
         for block in blocks:
             buf += block
-            while len(buf) >= CHUNK_CHARS and (cut := _cut(buf, special_re, max_special)):
+            while len(buf) >= CHUNK_CHARS and (cut := _cut(buf, specials, specials, pattern)):
                 yield buf[:cut]
                 buf = buf[cut:]
         if buf:
@@ -107,7 +110,7 @@ def _count_words(chunks, specials, pattern):
     special_re = _special_regex(specials)
     counts = collections.Counter()
     for chunk in chunks:
-        for part in special_re.split(chunk) if special_re else [chunk]:
+        for part in special_re.split(_utf8_safe(chunk)) if special_re else [_utf8_safe(chunk)]:
             if pattern == GPT2_PATTERN and part.isascii():
                 counts.update(GPT2_PATTERN_ASCII.findall(part))
             else:
@@ -147,7 +150,7 @@ def pool_map(fn, jobs, workers):
 
 def count_words(texts, specials, pattern, workers):
     """Pre-token counts over the whole input. Memory holds the counts and the chunks in flight."""
-    chunks = _chunks(texts, _special_regex(specials), max((len(s) for s in specials), default=0))
+    chunks = _chunks(texts, specials, pattern)
     counts, t0, last_print = collections.Counter(), time.time(), time.time()
     for n, chunk_counts in enumerate(pool_map(_count_words, ((b, specials, pattern) for b in batched(chunks)), workers)):
         counts.update(chunk_counts)
@@ -270,6 +273,16 @@ def train(texts, vocab_size, special_tokens=(EOT,), pattern=GPT2_PATTERN, worker
     return Tokenizer(ids, merges, specials, pattern)
 
 
+def _utf8_safe(text):
+    # a Python str may hold lone surrogates, which UTF-8 cannot encode: they become
+    # U+FFFD first, as tiktoken does
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def _check_specials(specials):
     for s in specials:
         if not isinstance(s, str) or not s:
@@ -290,6 +303,14 @@ class Tokenizer:
         self.ranks, self.merges, self.pattern = dict(ranks), list(merges), pattern
         self.special_tokens = dict(special_tokens)
         _check_specials(list(self.special_tokens))
+        if not all(type(i) is int for i in [*self.ranks.values(), *self.special_tokens.values()]):
+            raise ValueError("token ids must be integers")
+        try:
+            self._pat = regex.compile(pattern)
+        except (regex.error, TypeError) as e:
+            raise ValueError(f"bad split pattern {pattern!r}: {e}") from None
+        if not pattern or self._pat.match(""):
+            raise ValueError(f"the split pattern {pattern!r} matches empty text: it would drop everything")
         self.vocab = {i: t for t, i in self.ranks.items()}
         self.vocab.update({i: s.encode("utf-8") for s, i in self.special_tokens.items()})
         n = len(self.ranks) + len(self.special_tokens)
@@ -301,7 +322,6 @@ class Tokenizer:
         for left, right in self.merges:
             if left + right not in self.ranks:
                 raise ValueError(f"merge {left!r} + {right!r} makes no token in the vocab")
-        self._pat = regex.compile(pattern)
         self._cache = {}  # pre-token -> ids, the pure-Python encoder's speed trick
 
     @property
@@ -357,7 +377,7 @@ class Tokenizer:
     def encode_ordinary(self, text):
         """Encodes text, treating special-token text as ordinary text."""
         out, cache = [], self._cache
-        for piece in self._pat.findall(text):
+        for piece in self._pat.findall(_utf8_safe(text)):
             ids = cache.get(piece)
             if ids is None:
                 if len(cache) >= 1 << 14:
@@ -367,10 +387,9 @@ class Tokenizer:
         return out
 
     def _special_sets(self, allowed_special, disallowed_special):
-        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
-        if disallowed_special == "all":
-            return allowed, set(self.special_tokens) - allowed
-        return allowed, set(disallowed_special)
+        specials = set(self.special_tokens)
+        allowed = specials if allowed_special == "all" else specials & set(allowed_special)
+        return allowed, specials - allowed if disallowed_special == "all" else set(disallowed_special)
 
     def encode(self, text, allowed_special=(), disallowed_special="all"):
         """As in tiktoken: special-token text raises unless allowed (then it becomes the
@@ -389,25 +408,17 @@ class Tokenizer:
         return out + self.encode_ordinary(text[start:])
 
     def encode_iterable(self, texts, allowed_special=(), disallowed_special="all"):
-        """Yields the ids of the concatenation of `texts` (e.g. a file's lines), holding
-        only the text whose ids are not settled yet, never the whole input."""
+        """Yields the ids of the concatenation of `texts` (e.g. a file's lines). Text is
+        encoded up to the last place where what follows cannot change its ids (see
+        _cut: an allowed special token, or a letter before a space), and the rest waits
+        for the next string: memory is bounded by the text between such places."""
         allowed, disallowed = self._special_sets(allowed_special, disallowed_special)
-        allowed_re, watched = _special_regex(allowed), allowed | disallowed
         buf = ""
         for text in texts:
             buf += text
-            # hold back an end that could still become a special token ...
-            keep = max((k for s in watched for k in range(1, len(s) + 1) if buf.endswith(s[:k])), default=0)
-            head = buf[:len(buf) - keep]
-            # ... and the last pre-token, which could still grow ("hel" + "lo")
-            start = last = 0
-            for m in allowed_re.finditer(head) if allowed_re else ():
-                start = last = m.end()  # pre-tokens restart after a special token
-            for m in self._pat.finditer(head, start):
-                last = m.start()
-            if last:
-                yield from self.encode(buf[:last], allowed, disallowed)
-                buf = buf[last:]
+            if cut := _cut(buf, allowed | disallowed, allowed, self.pattern):
+                yield from self.encode(buf[:cut], allowed, disallowed)
+                buf = buf[cut:]
         yield from self.encode(buf, allowed, disallowed)
 
     # --- decoding ---
@@ -445,9 +456,17 @@ class Tokenizer:
                     where = f"{path}, line {n}"
                     token, rank = line.split()
                     ranks[base64.b64decode(token, validate=True)] = int(rank)
+            where = path
+            if sorted(ranks.values()) != list(range(len(ranks))) or len(ranks) < 256:
+                raise ValueError(f"the ids are not 0..{len(ranks) - 1}: the file is cut short or damaged")
             where = path + ".json"
             with open(where, encoding="utf-8") as f:
                 side = json.load(f)
+            where = path
+            if len(side["merges"]) != len(ranks) - 256:
+                raise ValueError(f"{len(ranks)} tokens, but {len(side['merges'])} merges in {path}.json: "
+                                 "one of the two files is cut short")
+            where = path + ".json"
             vocab = {i: t for t, i in ranks.items()}
             merges = [(vocab[a], vocab[b]) for a, b in side["merges"]]
             where = f"{path} + {path}.json"
@@ -455,7 +474,7 @@ class Tokenizer:
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{e.filename}: no such tokenizer file; train one with "
                                     "`python bpe.py --input FILE --out PATH` or run prepare.py") from None
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, IndexError, RecursionError) as e:
             raise ValueError(f"{where}: corrupt tokenizer file ({type(e).__name__}: {e}); "
                              "train it again with bpe.py or prepare.py") from None
 

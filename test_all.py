@@ -184,6 +184,16 @@ def test_bpe_chunking_and_workers(tmp_path, monkeypatch):
     one = bpe.train(texts, 600, workers=1)
     two = bpe.train(texts, 600, workers=2)
     assert one.merges == two.merges and one.ranks == two.ranks and len(one.merges) == 600 - 257
+    # a special token holding a letter then a newline is never cut there
+    text = "xa\nb" * 3000
+    assert bpe.count_words([text], ["a\nb"], bpe.GPT2_PATTERN, 1) == collections.Counter({"x": 3000})
+    # Windows newlines and no special token: still cut, and the counts are the same
+    text = "".join(f"line {i} of text\r\n" for i in range(3000))
+    assert len(list(bpe._chunks([text], [], bpe.GPT2_PATTERN))) > 5
+    assert bpe.count_words([text], [], bpe.GPT2_PATTERN, 1) == collections.Counter(regex.findall(bpe.GPT2_PATTERN, text))
+    # other patterns are cut at special tokens only: r"\S+\s*" words span a letter and a newline
+    text = "ab\ncd ef\n" * 1000
+    assert bpe.count_words([text], [], r"\S+\s*", 1) == collections.Counter(regex.findall(r"\S+\s*", text))
     # a block ends just after "<|a|>", but the text goes on into the longer "<|a|>b"
     text = "x" * 2995 + "<|a|>" + "by " * 2000
     assert bpe.count_words([text], ["<|a|>", "<|a|>b"], bpe.GPT2_PATTERN, 1) == \
@@ -237,6 +247,16 @@ def test_bpe_decode_invalid_bytes(trained):
         assert trained.decode(ids) == fast.decode(ids)  # tiktoken also decodes with "replace"
     with pytest.raises(ValueError, match="not in this vocab"):
         trained.decode([trained.n_vocab])
+
+
+def test_bpe_surrogates_and_unknown_allowed_specials(trained, gpt2):
+    # Python strings may hold lone surrogates: tiktoken encodes them as U+FFFD, and so do we
+    g2, enc = bpe.Tokenizer.from_gpt2_files(gpt2[0], gpt2[1]), gpt2[2]
+    for text in ["\ud800", "a\udfffb c", "x\ud83d\ude00y"]:
+        assert g2.encode(text) == enc.encode(text) and trained.encode(text) == trained.to_tiktoken().encode(text)
+    assert bpe.train(["a\ud800b " * 20], 260, workers=1).n_vocab == 260
+    # an allowed "special token" that is not one is ignored, as in tiktoken
+    assert g2.encode("hi <|x|>", allowed_special={"<|x|>"}) == enc.encode("hi <|x|>", allowed_special={"<|x|>"})
 
 
 def test_bpe_stream_decoder(gpt2):
@@ -312,18 +332,50 @@ def test_bpe_overlapping_special_tokens(trained):
         tok.to_tiktoken()
 
 
-def test_bpe_encode_iterable_equals_encode(trained):
+def split_text(text, rng):
+    """text in pieces of 0 to 12 characters: cuts fall inside words, runs of spaces,
+    contractions and special tokens."""
+    out, i = [], 0
+    while i < len(text):
+        n = rng.randint(0, 12)
+        out.append(text[i:i + n])
+        i += n
+    return out
+
+
+def test_bpe_encode_iterable_equals_encode(trained, gpt2):
     rng = random.Random(8)
-    text = "".join(rng.choice(VARIED + [bpe.EOT, "<|endof", "text|>"]) for _ in range(300))
-    for kw in [dict(allowed_special="all"), dict(disallowed_special=())]:
-        expect = trained.encode(text, **kw)
-        for _ in range(5):
-            cuts = sorted(rng.sample(range(len(text)), 60))  # cuts inside words and special tokens
-            parts = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
-            assert list(trained.encode_iterable(parts, **kw)) == expect
-    # a disallowed special token cut in two still raises
-    with pytest.raises(ValueError):
-        list(trained.encode_iterable(["abc <|endof", "text|> def"]))
+    g2 = bpe.Tokenizer.from_gpt2_files(gpt2[0], gpt2[1])
+    pieces = VARIED + [bpe.EOT, "<|endof", "text|>", "<|endoftext|>!", "it'll", "we've", "\n\n", "  x", "\r\n"]
+    text = "".join(rng.choice(pieces) for _ in range(300))
+    for tok in (trained, g2):
+        for kw in [dict(allowed_special="all"), dict(disallowed_special=())]:
+            expect = tok.encode(text, **kw)
+            for _ in range(5):
+                assert list(tok.encode_iterable(split_text(text, rng), **kw)) == expect
+        # found by review: each of these once differed from encode()
+        for parts in (["\n\n", "x"], ["Hello\n\n", "World"], ["it'l", "l"], ["we'", "ve"], ["a ", " ", "b"]):
+            assert list(tok.encode_iterable(parts)) == tok.encode("".join(parts))
+        # a disallowed special token raises, even when cut in two or followed by punctuation
+        for parts in (["abc <|endof", "text|> def"], ["<|endoftext|>!"], ["<|endoftext|>", "!"], ["x<|endoftext|>."]):
+            with pytest.raises(ValueError, match="special token"):
+                list(tok.encode_iterable(parts))
+    # special tokens that overlap each other or themselves
+    n = len(trained.ranks)
+    for specials, text in [({"x!x": n}, "x!x!"), ({"<|a|>": n, "|>b": n + 1}, "<|a|>b <|a|>"),
+                           ({"<|a|>": n, "<|a|>b": n + 1}, "x<|a|>by <|a|> b")]:
+        tok = bpe.Tokenizer(trained.ranks, trained.merges, specials, trained.pattern)
+        for kw in [dict(allowed_special="all"), dict(disallowed_special=()), {}]:
+            try:
+                expect = tok.encode(text, **kw)
+            except ValueError:
+                expect = ValueError
+            for _ in range(20):
+                try:
+                    got = list(tok.encode_iterable(split_text(text, rng), **kw))
+                except ValueError:
+                    got = ValueError
+                assert got == expect, (specials, kw)
 
 
 def test_bpe_encode_iterable_memory_is_bounded(trained):
@@ -367,15 +419,21 @@ def test_bpe_bad_input(tmp_path, trained):
     # corrupt tokenizer files: each error names the file
     trained.save(tmp_path / "tok.bpe")
     good = (tmp_path / "tok.bpe").read_text()
-    for bad, where in [(good.replace("\n", "\n!!!! 7\n", 1), "tok.bpe, line 2"),
-                       (good[:len(good) // 2], "tok.bpe"), ("", "tok.bpe")]:
+    cut_at_line = good[:good.index("\n", len(good) // 2) + 1]
+    for bad, where in [(good.replace("\n", "\n!!!! 7\n", 1), "tok.bpe, line 2"), (good[:len(good) // 2], "tok.bpe"),
+                       (cut_at_line, "tok.bpe:"), ("", "tok.bpe:")]:
         (tmp_path / "tok.bpe").write_text(bad)
         with pytest.raises(ValueError, match=regex.escape(where) + ".*corrupt"):
             bpe.Tokenizer.load(tmp_path / "tok.bpe")
     (tmp_path / "tok.bpe").write_text(good)
-    (tmp_path / "tok.bpe.json").write_text("{not json")
-    with pytest.raises(ValueError, match=r"tok\.bpe\.json: corrupt"):
-        bpe.Tokenizer.load(tmp_path / "tok.bpe")
+    side = (tmp_path / "tok.bpe.json").read_text()
+    for bad in ["{not json", "[" * 100000, side.replace('"pattern": "', '"pattern": "(', 1),
+                side.replace(f'"<|endoftext|>": {trained.eot_id}', f'"<|endoftext|>": {trained.eot_id}.0'),
+                regex.sub(r'"pattern": ".*?", "special', '"pattern": "", "special', side)]:
+        assert bad != side
+        (tmp_path / "tok.bpe.json").write_text(bad)
+        with pytest.raises(ValueError, match=r"tok\.bpe(\.json)?: corrupt"):
+            bpe.Tokenizer.load(tmp_path / "tok.bpe")
     with pytest.raises(FileNotFoundError, match="nope.bpe"):
         bpe.Tokenizer.load(tmp_path / "nope.bpe")
     with pytest.raises(ValueError, match="not GPT-2 tokenizer files"):
