@@ -67,6 +67,8 @@ DATASETS = {
 # -----------------------------------------------------------------------------
 # The config mechanism, shared by every script
 
+SIMPLE = (bool, int, float, str, tuple, list, type(None))  # the types a setting can have
+
 
 def configure(settings, argv=None, others_in_file=False):
     """Applies a config file and --key=value overrides to a script's settings, in place.
@@ -81,16 +83,20 @@ def configure(settings, argv=None, others_in_file=False):
     reads train.py's config files for their dataset and tokenizer).
     Returns the resolved settings as a dict."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    keys = {k: v for k, v in settings.items() if k.islower() and not k.startswith("_")
-            and isinstance(v, (bool, int, float, str, tuple, list, type(None)))}
+    is_setting = lambda k, v: k.islower() and not k.startswith("_") and isinstance(v, SIMPLE)  # noqa: E731
+    keys = {k: v for k, v in settings.items() if is_setting(k, v)}
     updates = []  # (key, value, where it came from)
     if argv and not argv[0].startswith("--"):
         path, argv = argv[0], argv[1:]
         if not os.path.isfile(path):
             raise SystemExit(f"error: config file {path} not found")
-        scope = {}
-        exec(compile(open(path).read(), path, "exec"), scope)
-        updates += [(k, v, path) for k, v in scope.items() if not k.startswith("_") and (k in keys or not others_in_file)]
+        scope = {"__file__": path}
+        try:
+            exec(compile(open(path).read(), path, "exec"), scope)
+        except Exception as e:
+            raise SystemExit(f"error: config file {path} failed: {type(e).__name__}: {e}") from None
+        # its imports, functions and UPPERCASE helpers are not settings
+        updates += [(k, v, path) for k, v in scope.items() if is_setting(k, v) and (k in keys or not others_in_file)]
     for arg in argv:
         key, eq, text = arg[2:].partition("=")
         if not arg.startswith("--") or not eq:
@@ -99,8 +105,11 @@ def configure(settings, argv=None, others_in_file=False):
         if key in keys and not isinstance(keys[key], str):
             try:
                 value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                pass  # a string, and the type check below says if that is wrong
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                try:
+                    value = float(text)  # inf and nan
+                except ValueError:
+                    pass  # a string, and the type check below says if that is wrong
         updates.append((key, value, "the command line"))
     for key, value, where in updates:
         if key not in keys:
@@ -108,7 +117,8 @@ def configure(settings, argv=None, others_in_file=False):
             hint = f"; did you mean {' or '.join(close)}?" if close else f"; known: {', '.join(sorted(keys))}"
             raise SystemExit(f"error: unknown setting {key!r} in {where}{hint}")
         default = keys[key]
-        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool) \
+                and abs(value) < 2 ** 1000:
             value = float(value)
         ok = default is None or type(value) is type(default) or \
             (isinstance(default, (tuple, list)) and isinstance(value, (tuple, list)))
@@ -131,9 +141,10 @@ class DownloadError(RuntimeError):
 
 def download(url, path, size=None, sha256=None):
     """Downloads url to path, unless path exists. Streams to path.part and resumes it
-    with a Range request (from zero if the server ignores Range); retries with backoff
-    on connection errors, 429 and 5xx; checks the size and sha256 when known; then
-    renames the file into place. HF_TOKEN, if set, goes to the Hugging Face host only."""
+    with a Range request (from zero if the server ignores Range or answers from another
+    offset); retries with backoff on connection errors, 429 and 5xx, giving up after
+    RETRIES failures in a row without progress; checks the size and sha256 when known;
+    then renames the file into place. HF_TOKEN, if set, goes to the Hugging Face host only."""
     if os.path.exists(path):
         return path
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -143,23 +154,29 @@ def download(url, path, size=None, sha256=None):
     except socket.gaierror:
         raise DownloadError(f"cannot download {url}: {host} is unreachable (offline?). "
                             "`python prepare.py` with no arguments needs no network") from None
-    headers = {}
-    if os.environ.get("HF_TOKEN") and url.startswith(HF):
+    headers = {"Accept-Encoding": "identity"}  # offsets must count the bytes as stored, not decompressed
+    if os.environ.get("HF_TOKEN") and urllib.parse.urlsplit(url)[:2] == urllib.parse.urlsplit(HF)[:2]:
         headers["Authorization"] = f"Bearer {os.environ['HF_TOKEN']}"
-    part = path + ".part"
-    for attempt in range(RETRIES):
+    part, failures = path + ".part", 0
+    while True:
         have = os.path.getsize(part) if os.path.exists(part) else 0
         try:
             with requests.get(url, stream=True, timeout=30,
                               headers=dict(headers, Range=f"bytes={have}-") if have else headers) as r:
-                if r.status_code == 416 and have and have == size:
-                    break  # the .part is already complete
+                if r.status_code == 416:  # nothing after `have`: done if that is the whole file
+                    if have == (size or _int(r.headers.get("Content-Range", "").rpartition("/")[2])):
+                        break
+                    os.remove(part)
+                    continue
                 if r.status_code == 429 or r.status_code >= 500:
                     raise requests.ConnectionError(f"HTTP {r.status_code}")
                 if r.status_code >= 400:
                     raise DownloadError(f"cannot download {url}: HTTP {r.status_code} {r.reason}")
+                if r.status_code == 206 and not r.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+                    os.remove(part)  # the server resumed from somewhere else: start again
+                    continue
                 if r.status_code != 206:
-                    have = 0  # the server sent the whole file: start again
+                    have = 0  # the whole file is coming
                 expect = have + int(r.headers["Content-Length"]) if "Content-Length" in r.headers else size
                 with open(part, "ab" if have else "wb") as f:
                     done, t0, shown = have, time.time(), 0.0
@@ -171,13 +188,14 @@ def download(url, path, size=None, sha256=None):
                             _progress(url, done, expect, (done - have) / (shown - t0 + 1e-9))
                 if expect and done < expect:
                     raise requests.ConnectionError(f"the connection closed at {done} of {expect} bytes")
-            if r.status_code != 416:
-                print(f"\rdownloaded {os.path.basename(path)}: {done / 1e6:.1f} MB" + " " * 30, file=sys.stderr)
+            print(f"\rdownloaded {os.path.basename(path)}: {done / 1e6:.1f} MB" + " " * 30, file=sys.stderr)
             break
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
-            if attempt == RETRIES - 1:
-                raise DownloadError(f"cannot download {url} after {RETRIES} attempts: {e}") from None
-            wait = BACKOFF * 2 ** attempt
+        except requests.RequestException as e:
+            progressed = os.path.exists(part) and os.path.getsize(part) > have
+            failures = 0 if progressed else failures + 1
+            if failures >= RETRIES:
+                raise DownloadError(f"cannot download {url}: {failures} failures in a row, the last: {e}") from None
+            wait = BACKOFF * 2 ** failures
             print(f"\n{url}: {e}; retrying in {wait:.0f}s", file=sys.stderr)
             time.sleep(wait)
     got = os.path.getsize(part)
@@ -188,6 +206,10 @@ def download(url, path, size=None, sha256=None):
         raise DownloadError(f"download of {url} failed: {problem}; run again to retry")
     os.replace(part, path)
     return path
+
+
+def _int(text):
+    return int(text) if text.isdigit() else None
 
 
 def _progress(url, done, total, speed):
@@ -295,7 +317,12 @@ def load_tokenizer(spec, directory):
     of a trained BPE in `directory`."""
     if spec == "gpt2":
         import tiktoken
-        return tiktoken.get_encoding("gpt2")
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except Exception as e:  # tiktoken downloads its files on first use
+            raise DownloadError(f"tiktoken's gpt2 files are not in its cache and could not be downloaded "
+                                f"({type(e).__name__}; offline?). The default dataset needs no network: "
+                                "python prepare.py") from None
     return bpe.Tokenizer.load(os.path.join(directory, spec)).to_tiktoken()
 
 
@@ -345,6 +372,15 @@ def prepare():
                          f"Known: {', '.join(DATASETS)}")
     out, info = os.path.join(data_dir, dataset), DATASETS[dataset]
     spec = tokenizer or info["tokenizer"]
+    # check every setting before anything on disk changes
+    if not (spec == "gpt2" or (spec.startswith("bpe:") and spec[4:].isdigit() and int(spec[4:]) > 256)):
+        raise SystemExit(f"error: tokenizer={spec!r}: use gpt2, or bpe:N to train an N-token BPE (N > 256)")
+    if "shards" in info and spec != "gpt2":
+        raise SystemExit(f"error: {dataset} is pre-tokenized with GPT-2's tokenizer; it cannot use {spec!r}")
+    for key, value, least in [("shard_size", shard_size, 1), ("num_shards", num_shards, 1),
+                              ("max_docs", max_docs, 0), ("workers", workers, 0)]:
+        if value < least:
+            raise SystemExit(f"error: {key}={value}: it must be {least} or more")
     asked = {"tokenizer": spec, "shard_size": shard_size, "max_docs": max_docs, "num_shards": num_shards}
     meta_path = os.path.join(out, "meta.json")
     if os.path.exists(meta_path):
@@ -373,14 +409,11 @@ def tokenize_dataset(out, spec):
     for name in os.listdir(out):
         if name.endswith(".bin"):
             os.remove(os.path.join(out, name))  # shards of an earlier run
-    if spec.startswith("bpe:") and spec[4:].isdigit():
+    name = "gpt2"
+    if spec.startswith("bpe:"):
         print(f"training a {spec[4:]}-token BPE on the train split")
         bpe.train(limited(documents("train")), int(spec[4:])).save(os.path.join(out, "tokenizer.bpe"))
         name = "tokenizer.bpe"
-    elif spec == "gpt2":
-        name = "gpt2"
-    else:
-        raise SystemExit(f"error: tokenizer={spec!r}: use gpt2, or bpe:N to train an N-token BPE")
     enc = _encoders[(name, out)] = load_tokenizer(name, out)  # forked workers inherit it
     eot, dtype = enc.eot_token, token_dtype(enc.n_vocab)
     meta = {"dataset": dataset, "tokenizer": name, "vocab_size": enc.n_vocab, "eot_id": eot}
@@ -393,8 +426,10 @@ def fetch_shards(url, out, spec):
     """Pre-tokenized GPT-2 shards (llm.c's FineWeb): downloads val and num_shards train
     shards (those already here are kept), checks each header and size, and counts
     documents and bytes."""
-    if spec != "gpt2":
-        raise SystemExit(f"error: {dataset} is pre-tokenized with GPT-2's tokenizer; it cannot use {spec!r}")
+    wanted = ["val_000000.bin"] + [f"train_{i:06d}.bin" for i in range(1, 1 + num_shards)]
+    for name in set(os.listdir(out)) - set(wanted):
+        if name.endswith(".bin"):
+            os.remove(os.path.join(out, name))  # shards beyond num_shards, from an earlier run
     enc = load_tokenizer("gpt2", out)
     token_bytes = np.array([len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)])
     token_bytes[enc.eot_token] = 0  # bytes of text: the end-of-text marker is not text
