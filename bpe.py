@@ -34,6 +34,10 @@ import regex  # the stdlib `re` has no \p{L} (any letter) classes
 # leading space), then whitespace. `\s+(?!\S)` leaves the last space of a run to
 # start the next word, so " world" stays one word after many spaces.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# SmolLM2's split: single digits first (Hugging Face's Digits), then GPT-2's pattern on
+# the text between them. As one regex: digits alone, and a run of spaces before a digit
+# kept whole, as it would be at the end of the text before it.
+GPT2_DIGITS_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+"""
 # Speed trick: on ASCII text the same pattern with ASCII classes matches the same
 # words, and the stdlib `re` runs it about twice as fast as `regex` (test_all checks).
 GPT2_PATTERN_ASCII = re.compile(r"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+""", re.ASCII)
@@ -480,26 +484,53 @@ class Tokenizer:
 
     @classmethod
     def from_gpt2_files(cls, vocab_bpe, encoder_json):
-        """Loads GPT-2's original vocab.bpe (the merges) + encoder.json (token -> id).
-        GPT-2 writes each byte as a printable character: bytes that print stand for
-        themselves, the others for chr(256), chr(257), ... in byte order."""
-        printable = {*range(33, 127), *range(161, 173), *range(174, 256)}
-        others = [b for b in range(256) if b not in printable]
-        byte_of = {chr(b): b for b in printable} | {chr(256 + k): b for k, b in enumerate(others)}
-        as_bytes = lambda s: bytes(byte_of[c] for c in s)  # noqa: E731
+        """Loads GPT-2's original vocab.bpe (the merges) + encoder.json (token -> id); Hugging
+        Face's merges.txt + vocab.json are the same files."""
         try:
             with open(vocab_bpe, encoding="utf-8") as f:
-                lines = f.read().split("\n")
-            merges = [tuple(as_bytes(s) for s in line.split(" ")) for line in lines[1:] if line]  # [0]: "#version"
+                merges = [tuple(line.split(" ")) for line in f.read().split("\n")[1:] if line]  # [0]: "#version"
             with open(encoder_json, encoding="utf-8") as f:
-                encoder = json.load(f)
-            mergeable = {chr(256 + k) for k in range(len(others))} | {chr(b) for b in printable}
-            mergeable |= {"".join(line.split(" ")) for line in lines[1:] if line}
-            ranks = {as_bytes(s): i for s, i in encoder.items() if s in mergeable}
-            specials = {s: i for s, i in encoder.items() if s not in mergeable}
-            return cls(ranks, merges, specials, GPT2_PATTERN)
+                return cls._from_printable(json.load(f), merges, GPT2_PATTERN)
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{vocab_bpe} + {encoder_json}: not GPT-2 tokenizer files ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def from_hf_json(cls, path):
+        """Loads a Hugging Face tokenizer.json of a byte-level BPE (GPT-2's split, maybe after
+        splitting off single digits, as SmolLM2's). Encoding then follows tiktoken's rule
+        (lowest rank first), as for every Tokenizer."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                hf = json.load(f)
+            model, pre = hf["model"], hf.get("pre_tokenizer") or {}
+            steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+            split = tuple((s.get("type"), s.get("individual_digits"), s.get("add_prefix_space"), s.get("use_regex", True))
+                          for s in steps)
+            byte_level, digits = ("ByteLevel", None, False, True), ("Digits", True, None, True)
+            pattern = {(byte_level,): GPT2_PATTERN, (digits, byte_level): GPT2_DIGITS_PATTERN}.get(split)
+            if model.get("type") != "BPE" or hf.get("normalizer") or model.get("byte_fallback") or pattern is None \
+                    or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+                raise ValueError("only byte-level BPEs with GPT-2's split (and maybe single digits first) load")
+            merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+            added = {t["content"]: t["id"] for t in hf.get("added_tokens", [])}
+            return cls._from_printable(model["vocab"] | added, merges, pattern, set(added))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path}: not a tokenizer.json that bpe.py can load ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def _from_printable(cls, vocab, merges, pattern, specials=None):
+        """GPT-2's files write each byte as a printable character: bytes that print stand
+        for themselves, the others for chr(256), chr(257), ... in byte order. vocab: token
+        string -> id; merges: pairs of token strings; specials: the vocab's special tokens
+        (by default those that are neither a byte nor made by a merge)."""
+        printable = {*range(33, 127), *range(161, 173), *range(174, 256)}
+        byte_of = {chr(b): b for b in printable} | \
+            {chr(256 + k): b for k, b in enumerate(b for b in range(256) if b not in printable)}
+        as_bytes = lambda s: bytes(byte_of[c] for c in s)  # noqa: E731
+        if specials is None:
+            specials = set(vocab) - set(byte_of) - {a + b for a, b in merges}
+        ranks = {as_bytes(s): i for s, i in vocab.items() if s not in specials}
+        return cls(ranks, [(as_bytes(a), as_bytes(b)) for a, b in merges], {s: vocab[s] for s in specials}, pattern)
 
     # --- the fast path ---
 
