@@ -6,7 +6,7 @@ bench.py: every benchmark of the project, printed as markdown tables.
 
 Each section times our code and a reference in the same run, on the same machine,
 and prints the ratio. Numbers go into README.md with the date, device and versions.
-Read the code it measures first: bpe.py, prepare.py.
+Read the code it measures first: bpe.py, prepare.py, model.py.
 """
 import contextlib
 import datetime
@@ -19,6 +19,8 @@ import tempfile
 import time
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 import bpe
 import prepare
@@ -162,7 +164,65 @@ def bench_prepare():
     print(f"| prepare.py, {os.cpu_count()} processes, writing shards | {mb / t_ours:.1f} | **{t_ref / t_ours:.2f}x** |")
 
 
-SECTIONS = {"tokenizer": bench_tokenizer, "prepare": bench_prepare}
+# -----------------------------------------------------------------------------
+# model: a training step (forward + backward) of model.py against a plain nanoGPT-style model
+
+
+class Baseline(torch.nn.Module):
+    """The reference: a GPT-2 written the plain nanoGPT way, eager PyTorch."""
+
+    def __init__(self, vocab, block, n_layer, n_head, d):
+        super().__init__()
+        nn = torch.nn
+        self.n_head, self.wte, self.wpe = n_head, nn.Embedding(vocab, d), nn.Embedding(block, d)
+        self.layers = nn.ModuleList(nn.ModuleDict(dict(
+            ln1=nn.LayerNorm(d), qkv=nn.Linear(d, 3 * d), proj=nn.Linear(d, d),
+            ln2=nn.LayerNorm(d), fc=nn.Linear(d, 4 * d), out=nn.Linear(4 * d, d))) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(d)
+
+    def forward(self, idx, targets):
+        B, T = idx.shape
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
+        for L in self.layers:
+            q, k, v = L.qkv(L.ln1(x)).view(B, T, 3, self.n_head, -1).transpose(1, 3).unbind(2)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + L.proj(y.transpose(1, 2).reshape(B, T, -1))
+            x = x + L.out(F.gelu(L.fc(L.ln2(x)), approximate="tanh"))
+        logits = self.ln_f(x) @ self.wte.weight.t()
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def bench_model():
+    import model
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shapes = [("quickstart-sized: 4 layers, 256 wide, vocab 4096", dict(vocab_size=4096, block_size=256, n_layer=4,
+                                                                         n_head=4, n_embd=256), 8),
+              ("GPT-2 124M: 12 layers, 768 wide, vocab 50257", dict(vocab_size=50257, block_size=1024, n_layer=12,
+                                                                   n_head=12, n_embd=768), 1 if device == "cpu" else 8)]
+    header(f"Model training step (forward + backward), {device}, fp32", {"torch": torch.__version__})
+    print("| model | batch x seq | model.py | nanoGPT-style eager | speedup |")
+    print("|---|---|---:|---:|---:|")
+    for name, kw, batch in shapes:
+        torch.manual_seed(0)
+        ours = model.GPT(model.GPTConfig(**kw)).to(device)
+        base = Baseline(kw["vocab_size"], kw["block_size"], kw["n_layer"], kw["n_head"], kw["n_embd"]).to(device)
+        idx = torch.randint(0, kw["vocab_size"], (batch, kw["block_size"]), device=device)
+
+        def step(m, loss_of):
+            loss_of(m).backward()
+            m.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        ours_fn = lambda: step(ours, lambda m: m(idx, idx)[1])  # noqa: E731
+        base_fn = lambda: step(base, lambda m: m(idx, idx))  # noqa: E731
+        ours_fn(), base_fn()  # warm up
+        t_ours, t_base = best_of(ours_fn), best_of(base_fn)
+        print(f"| {name} | {batch} x {kw['block_size']} | {t_ours * 1e3:.0f} ms | {t_base * 1e3:.0f} ms | "
+              f"**{t_base / t_ours:.2f}x** |")
+
+
+SECTIONS = {"tokenizer": bench_tokenizer, "prepare": bench_prepare, "model": bench_model}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(SECTIONS)

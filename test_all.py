@@ -20,9 +20,12 @@ import tempfile
 import tracemalloc
 import contextlib
 
+import math
+
 import pytest
 import regex
 import torch
+import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is first imported
@@ -484,19 +487,29 @@ class FileServer(http.server.BaseHTTPRequestHandler):
             return self.send_error(404)
         if kind == "flaky" and seen <= 2:
             return self.send_error(503)
+        if kind == "gzip" and "gzip" in self.headers.get("Accept-Encoding", ""):
+            data = gzip.compress(data)  # served compressed to clients that accept it
         start = 0
         if self.headers.get("Range") and kind != "norange":
             start = int(self.headers["Range"].split("=")[1].rstrip("-"))
+        if start >= len(data) and start:
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(data)}")
+            self.send_header("Content-Length", "0")
+            return self.end_headers()
+        shown = max(0, start - 100) if kind == "wrongstart" else start  # resumes from the wrong place
         self.send_response(206 if start else 200)
-        self.send_header("Content-Length", str(len(data) - start))
+        self.send_header("Content-Length", str(len(data) - shown))
+        if kind == "gzip" and "gzip" in self.headers.get("Accept-Encoding", ""):
+            self.send_header("Content-Encoding", "gzip")
         if start:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            self.send_header("Content-Range", f"bytes {shown}-{len(data) - 1}/{len(data)}")
         self.end_headers()
-        if kind == "cut" and seen == 1:
-            self.wfile.write(data[:len(data) // 2])  # then the connection drops
+        if (kind == "cut" and seen == 1) or kind == "drip":
+            self.wfile.write(data[shown:shown + (len(data) // 2 if kind == "cut" else 100_000)])  # then it drops
             self.close_connection = True
             return
-        self.wfile.write(data[start:])
+        self.wfile.write(data[shown:])
 
     def log_message(self, *args):
         pass
@@ -515,6 +528,7 @@ def server():
 @pytest.fixture
 def fast_retries(monkeypatch):
     monkeypatch.setattr(prepare, "BACKOFF", 0.0)
+    monkeypatch.setattr(prepare, "RETRIES", 3)
     FileServer.LOG.clear()
 
 
@@ -527,16 +541,21 @@ def test_configure(tmp_path):
                         "device": "cuda"}
     assert settings["n_layer"] == 6 and isinstance(settings["lr"], float)
     config = tmp_path / "x.py"
-    config.write_text("n_layer = 12\nlr = 3e-4\nblock_size = 1024  # a key for another script\n")
+    config.write_text("import math\nWIDTH = 64\ndef helper(): pass\n"  # not settings: ignored
+                      "n_layer = 12\nlr = 3e-4 * math.sqrt(1)\nblock_size = 1024  # a key for another script\n")
     with pytest.raises(SystemExit, match="unknown setting 'block_size' in .*x.py"):
         prepare.configure(dict(settings), [str(config)])
     s = dict(settings)
     prepare.configure(s, [str(config), "--lr=0.5"], others_in_file=True)  # the command line wins
     assert (s["n_layer"], s["lr"]) == (12, 0.5)
+    prepare.configure(s, ["--lr=inf"])
+    assert s["lr"] == float("inf")
     for argv, msg in [(["--n_layers=2"], "unknown setting 'n_layers'.*did you mean n_layer"),
                       (["--n_layer=2.5"], "'n_layer'.* must be a int"), (["--compile=1"], "'compile'.* must be a bool"),
                       (["--lr=fast"], "'lr'.* must be a float"), (["n_layer=2"], "no-such|not found"),
-                      (["--n_layer"], "expected --key=value"), ([str(config), "--n_layer"], "expected --key=value")]:
+                      (["--n_layer"], "expected --key=value"), ([str(config), "--n_layer"], "expected --key=value"),
+                      ([str(tmp_path / "bad.py")], "bad.py failed: SyntaxError"), (["--lr=1" + "0" * 400], "must be a float")]:
+        (tmp_path / "bad.py").write_text("n_layer = = 2\n")
         with pytest.raises(SystemExit, match=msg):
             prepare.configure(dict(settings), argv, others_in_file=True)
 
@@ -556,6 +575,14 @@ def test_download_full_resumed_and_restarted(server, tmp_path, fast_retries):
     part.write_bytes(data[:1000] + b"garbage")
     path = prepare.download(f"{server}/norange/a.bin", str(tmp_path / "norange.bin"), sha256=sha)
     assert open(path, "rb").read() == data
+    # found by review: a .part as long as the file or longer (416), a resume from the wrong
+    # offset, compression, and a server that drops every connection but makes progress
+    for kind, part_data in [("plain", data), ("plain", data + b"extra"), ("wrongstart", data[:5000]),
+                            ("gzip", data[:5000]), ("drip", b"")]:
+        FileServer.FILES["c.bin"] = data[:1_000_000] if kind == "drip" else data
+        target = tmp_path / f"{kind}-{len(part_data)}.bin"
+        (tmp_path / (target.name + ".part")).write_bytes(part_data)
+        assert open(prepare.download(f"{server}/{kind}/c.bin", str(target)), "rb").read() == FileServer.FILES["c.bin"]
     # an existing file is not fetched again
     n = len(FileServer.LOG)
     prepare.download(f"{server}/plain/a.bin", str(tmp_path / "plain.bin"))
@@ -574,13 +601,13 @@ def test_download_errors(server, tmp_path, fast_retries, monkeypatch):
     with pytest.raises(prepare.DownloadError, match=r"no-such-host\.invalid.*offline.*python prepare.py"):
         prepare.download("https://no-such-host.invalid/x.bin", str(tmp_path / "x.bin"))
     monkeypatch.setattr(prepare, "RETRIES", 2)
-    with pytest.raises(prepare.DownloadError, match="after 2 attempts"):
+    with pytest.raises(prepare.DownloadError, match="2 failures in a row"):
         prepare.download(f"{server}/flaky/b.bin", str(tmp_path / "f.bin"))
-    # HF_TOKEN goes to the Hugging Face endpoint only
+    # HF_TOKEN goes to the Hugging Face endpoint only: same scheme, host and port
     monkeypatch.setenv("HF_TOKEN", "secret")
-    monkeypatch.setattr(prepare, "HF", server + "/plain")
+    monkeypatch.setattr(prepare, "HF", server)
     prepare.download(f"{server}/plain/b.bin", str(tmp_path / "hf.bin"))
-    prepare.download(f"{server}/cut/b.bin", str(tmp_path / "other.bin"))
+    prepare.download(server.replace("127.0.0.1", "localhost") + "/cut/b.bin", str(tmp_path / "other.bin"))
     auth = {p: a for p, _, a in FileServer.LOG}
     assert auth["/plain/b.bin"] == "Bearer secret" and auth["/cut/b.bin"] is None
 
@@ -633,8 +660,11 @@ def test_prepare_default_dataset_end_to_end(tmp_path):
                 assert tok.decode(tokens[a + 1:b].tolist()) == doc
     finally:
         prepare.max_docs = 0
-    run = subprocess.run(cmd + ["--dataset=tinystorie"], cwd=ROOT, capture_output=True, text=True)
-    assert run.returncode != 0 and "did you mean 'tinystories'" in run.stderr and "Traceback" not in run.stderr
+    for bad, msg in [("--dataset=tinystorie", "did you mean 'tinystories'"), ("--tokenizer=bpe-400", "bpe:N"),
+                     ("--shard_size=0", "shard_size=0"), ("--max_docs=-1", "max_docs=-1")]:
+        run = subprocess.run(cmd + [bad], cwd=ROOT, capture_output=True, text=True)
+        assert run.returncode != 0 and msg in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert (out / "meta.json").exists() and len(list(out.glob("*.bin"))) > 2  # bad settings deleted nothing
     # run again: nothing to do, nothing rewritten
     mtimes = {p: p.stat().st_mtime_ns for p in out.iterdir()}
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -671,6 +701,14 @@ def test_prepare_downloaded_text_and_shards(server, tmp_path, fast_retries, monk
         for name in metas:
             assert {k: metas[name][split][k] for k in expect} == expect
         assert metas["owt"][split]["tokens"] == metas["fineweb10B"][split]["tokens"]
+    # fewer fineweb shards than last time: the extra one goes, so meta.json describes every shard there
+    FileServer.FILES["fw_train_000002.bin"] = FileServer.FILES["fw_train_000001.bin"]
+    monkeypatch.setattr(prepare, "dataset", "fineweb10B")
+    monkeypatch.setattr(prepare, "num_shards", 2)
+    prepare.prepare()
+    monkeypatch.setattr(prepare, "num_shards", 1)
+    prepare.prepare()
+    assert sorted(p.name for p in (tmp_path / "data" / "fineweb10B").glob("*.bin")) == ["train_000001.bin", "val_000000.bin"]
     # shakespeare-style: one text, the first 90% is train
     text = "First Citizen:\nBefore we proceed any further, hear me speak.\n\n" * 20
     FileServer.FILES["input.txt"] = text.encode()
@@ -686,3 +724,221 @@ def test_prepare_downloaded_text_and_shards(server, tmp_path, fast_retries, monk
         monkeypatch.setattr(prepare, "dataset", "fineweb10B")
         monkeypatch.setattr(prepare, "tokenizer", "bpe:1000")
         prepare.prepare()
+
+# -----------------------------------------------------------------------------
+# model.py
+
+import model
+from model import GPT, GPTConfig
+
+
+def hf_pair(kind, tmp_path, **kw):
+    """A randomly initialised Hugging Face model (no download), saved with save_pretrained
+    and loaded back with GPT.from_pretrained."""
+    import transformers
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=1000, n_positions=128,
+                                      bos_token_id=0, eos_token_id=0, **kw)
+        hf = transformers.GPT2LMHeadModel(cfg)
+    else:
+        cfg = transformers.LlamaConfig(hidden_size=96, num_hidden_layers=2, num_attention_heads=6, intermediate_size=160,
+                                       vocab_size=1000, max_position_embeddings=128, bos_token_id=0, eos_token_id=0, **kw)
+        hf = transformers.LlamaForCausalLM(cfg)
+    for p in hf.parameters():  # larger weights than HF's init, so that differences would show
+        p.data.normal_(0, 0.1)
+    hf.eval().save_pretrained(tmp_path)
+    return hf, GPT.from_pretrained(str(tmp_path)).eval()
+
+
+@pytest.mark.parametrize("kind,kw", [
+    ("gpt2", {}),
+    ("llama", dict(num_key_value_heads=6, rope_theta=10000.0, tie_word_embeddings=False)),  # GQA ratio 1
+    ("llama", dict(num_key_value_heads=2, rope_theta=500000.0, tie_word_embeddings=True)),  # GQA ratio 3
+    ("llama", dict(num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=False)),
+])
+def test_model_parity_with_transformers(kind, kw, tmp_path):
+    hf, ours = hf_pair(kind, tmp_path, **kw)
+    idx = torch.randint(0, 1000, (3, 77), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expect = hf(idx).logits
+        got, _ = ours(idx, all_logits=True)
+        last, _ = ours(idx)
+    assert got.shape == expect.shape and (got - expect).abs().max() <= 1e-4, (got - expect).abs().max()
+    assert torch.allclose(last, got[:, -1:], atol=1e-5)  # without targets: the last position only
+    if kind == "llama":
+        assert ours.cfg.n_kv_head == kw["num_key_value_heads"] and ours.cfg.tie_embeddings == kw["tie_word_embeddings"]
+
+
+def tiny(kind="llama", **kw):
+    torch.manual_seed(0)
+    llama = dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, n_kv_head=2, tie_embeddings=False)
+    cfg = GPTConfig(vocab_size=1000, block_size=64, n_layer=2, n_head=4, n_embd=64, attn="sdpa",
+                    **(llama if kind == "llama" else {}), **kw)
+    m = GPT(cfg).eval()
+    for p in m.parameters():
+        p.data.normal_(0, 0.2)  # sharper distributions than the init's
+    return m
+
+
+def test_model_loss_init_and_flops():
+    m = tiny("gpt2")
+    idx = torch.randint(0, 1000, (2, 16))
+    targets = idx.roll(-1, 1)
+    targets[0, 5:] = -1  # ignored
+    logits, loss = m(idx, targets)
+    keep = targets != -1
+    assert torch.allclose(loss, F.cross_entropy(logits[keep], targets[keep]), atol=1e-6)
+    fresh = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, vocab_size=1000, block_size=32))
+    assert fresh.wte.weight.shape == (1024, 128)  # padded to a multiple of 64
+    assert abs(fresh.blocks[0].mlp.fc.weight.std() - 0.02) < 2e-3
+    assert abs(fresh.blocks[0].attn.proj.weight.std() - 0.02 / math.sqrt(8)) < 1e-3
+    # by hand: per layer qkv 128*384 + proj 128*128 + fc 128*512 + proj 512*128, and the tied head 1024*128
+    matmul = 4 * (128 * 384 + 128 * 128 + 2 * 128 * 512) + 1024 * 128
+    assert fresh.flops_per_token(32) == 6 * matmul + 12 * 4 * 4 * 32 * 32
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_model_kv_cache_matches_recompute(kind):
+    m = tiny(kind)
+    prompt = torch.randint(0, 1000, (2, 7))
+    out = m.generate(prompt, 30, temperature=0)
+    seq = prompt
+    for i in range(30):  # the reference: the whole sequence again at every step
+        logits, _ = m(seq)
+        seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, seq)
+    cache = model.KVCache(m.cfg, 2, 64, "cpu", torch.float32)
+    step_logits = [m(seq[:, :7], cache=cache)[0][:, -1]] + [m(seq[:, t:t + 1], cache=cache)[0][:, -1] for t in range(7, 36)]
+    full, _ = m(seq[:, :36], all_logits=True)
+    assert (torch.stack(step_logits, 1) - full[:, 6:36]).abs().max() <= 1e-5
+    # past block_size (64): the cache is refilled with the last half block, and generation goes on
+    long = m.generate(prompt, 100, temperature=0)
+    assert long.shape == (2, 107) and torch.equal(long[:, :37], out)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_model_document_masking(kind):
+    m = tiny(kind)
+    lengths = [9, 1, 14]
+    docs = [torch.randint(0, 1000, (1, n)) for n in lengths]
+    packed = torch.cat(docs, dim=1)
+    starts = torch.zeros_like(packed, dtype=torch.bool)
+    starts[0, [0, 9, 10]] = True
+    got, _ = m(packed, doc_starts=starts, all_logits=True)
+    alone = torch.cat([m(d, all_logits=True)[0] for d in docs], dim=1)
+    assert (got - alone).abs().max() <= 1e-5
+    plain, _ = m(packed, all_logits=True)
+    assert (plain[:, 9:] - alone[:, 9:]).abs().max() > 1e-2  # without the mask, documents do mix
+
+
+def test_model_padded_vocab_never_sampled():
+    m = tiny("gpt2")  # vocab 1000, padded to 1024
+    with torch.no_grad():
+        m.wte.weight[1000:] = 100.0  # padded rows that would win every draw if they were not masked
+    idx = torch.randint(0, 1000, (4, 5))
+    logits, loss = m(idx, idx)
+    assert logits.shape[-1] == 1000 and torch.isfinite(loss)
+    out = m.generate(idx, 40, temperature=2.0, generator=torch.Generator().manual_seed(0))
+    assert out.max() < 1000
+
+
+def test_model_sampling_filters():
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        logits = torch.randn(1, 50, generator=rng) * 3
+        p = float(torch.rand(1, generator=rng)) * 0.98 + 0.01
+        kept = torch.isfinite(model.filter_logits(logits, top_p=p))[0]
+        probs = F.softmax(logits, -1)[0]
+        order = probs.argsort(descending=True)
+        # the kept tokens are exactly the most likely ones, as few as reach p
+        n = int(kept.sum())
+        assert set(order[:n].tolist()) == set(torch.nonzero(kept).flatten().tolist())
+        assert probs[order[:n]].sum() >= p - 1e-6 and (n == 1 or probs[order[:n - 1]].sum() < p)
+        k = int(torch.randint(1, 50, (1,), generator=rng))
+        both = torch.isfinite(model.filter_logits(logits, top_k=k, top_p=p))[0]
+        pk = F.softmax(logits[0][order[:k]], -1)  # top-p over the renormalised top k
+        m = int((pk.cumsum(0) - pk < p).sum())
+        assert set(torch.nonzero(both).flatten().tolist()) == set(order[:m].tolist())
+    # a fixed seed gives the same samples; temperature 0 is greedy
+    logits = torch.randn(8, 50, generator=rng)
+    a = model.sample(logits, 1.0, 10, 0.9, torch.Generator().manual_seed(3))
+    assert torch.equal(a, model.sample(logits, 1.0, 10, 0.9, torch.Generator().manual_seed(3)))
+    assert torch.equal(model.sample(logits, 0), logits.argmax(-1))
+
+
+def test_model_generate_stops_at_eot():
+    m = tiny("gpt2")
+    out = m.generate(torch.randint(0, 1000, (3, 4)), 50, temperature=0)
+    eot = int(out[0, 10])  # the token greedy decoding gives at step 7 of row 0
+    out = m.generate(out[:, :4], 50, temperature=0, eot_id=eot)
+    row = out[0, 4:].tolist()
+    assert eot in row and all(t == eot for t in row[row.index(eot):])
+
+
+def test_model_bad_checkpoints(tmp_path):
+    hf, _ = hf_pair("llama", tmp_path, num_key_value_heads=2, tie_word_embeddings=False)
+    path = tmp_path / "model.safetensors"
+    good = path.read_bytes()
+    n = int.from_bytes(good[:8], "little")
+    header = json.loads(good[8:8 + n])
+    bad_files = [
+        (good[:len(good) - 100], "truncated"),
+        ((10 ** 12).to_bytes(8, "little") + good[8:], "more than the file"),
+        (good[:8] + b"{" * n + good[8 + n:], "not a valid safetensors"),
+    ]
+    for data, msg in bad_files:
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=f"model.safetensors.*{msg}|{msg}"):
+            GPT.from_pretrained(str(tmp_path))
+    # a mismatched checkpoint: a tensor renamed, or a config that does not fit the weights
+    renamed = good.replace(b"model.norm.weight", b"model.nurm.weight")
+    path.write_bytes(renamed)
+    with pytest.raises(ValueError, match="model.norm.weight"):
+        GPT.from_pretrained(str(tmp_path))
+    path.write_bytes(good)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, intermediate_size=192)))
+    with pytest.raises(ValueError, match=r"tensor .model.layers.0.mlp.(gate|up|down)_proj.weight. has shape"):
+        GPT.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=1)))
+    with pytest.raises(ValueError, match="unused tensor 'model.layers.1"):
+        GPT.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, model_type="mistral")))
+    with pytest.raises(ValueError, match="mistral"):
+        GPT.from_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="unknown pretrained model 'gpt3'"):
+        GPT.from_pretrained("gpt3")
+    assert header  # the header parsed
+
+
+def test_model_runs_without_triton():
+    code = ("import sys, torch, model; m = model.GPT(model.GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=100, "
+            "block_size=16)); m.generate(torch.zeros(1, 3, dtype=torch.long), 5); "
+            "assert 'triton' not in sys.modules and 'flash' not in sys.modules")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
+def test_bpe_from_hf_tokenizer_json(tmp_path):
+    # SmolLM2's tokenizer.json: a byte-level BPE with single digits split off first;
+    # one is trained here with Hugging Face tokenizers, and its ids are the reference
+    from tokenizers import Tokenizer as HFTokenizer, models as hf_models, pre_tokenizers, trainers
+    corpus = [open(bpe.__file__).read()] + varied_texts(12, 200) + ["In 2024, 366 days;  12 34  5 x1 y22 3.14"] * 20
+    for digits in (False, True):
+        tok = HFTokenizer(hf_models.BPE())
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) \
+            if digits else byte_level
+        tok.train_from_iterator(corpus, trainers.BpeTrainer(
+            vocab_size=1200, special_tokens=["<|endoftext|>", "<|im_start|>"], show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tok.save(str(tmp_path / "tokenizer.json"))
+        ours = bpe.Tokenizer.from_hf_json(tmp_path / "tokenizer.json")
+        assert ours.special_tokens == {"<|endoftext|>": 0, "<|im_start|>": 1} and ours.n_vocab == 1200
+        for text in varied_texts(13) + ["a  1", "x  12 3", "  1", "1  ", "a'1", "\n\n1\n\n", "a<|endoftext|>1 <|im_start|>"]:
+            assert ours.encode(text, allowed_special="all") == tok.encode(text, add_special_tokens=False).ids, text
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "Unigram"}}')
+    with pytest.raises(ValueError, match="tokenizer.json that bpe.py can load"):
+        bpe.Tokenizer.from_hf_json(tmp_path / "tokenizer.json")

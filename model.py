@@ -1,0 +1,513 @@
+"""
+model.py: a GPT in one file: GPT-2 and Llama-style blocks, pretrained weights, KV cache.
+
+One model, with knobs (GPTConfig) that make it GPT-2 (LayerNorm, GELU MLP, learned
+positions, biases), Llama (RMSNorm, SwiGLU MLP, RoPE, grouped-query attention, no
+biases), or any mix of the two:
+
+    model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=256, vocab_size=4096))
+    logits, loss = model(idx, targets)                      # idx, targets: (B, T) token ids
+    model = GPT.from_pretrained("gpt2")                     # or HuggingFaceTB/SmolLM2-135M, or a directory
+    out = model.generate(idx, max_new_tokens=100, top_p=0.9)  # KV cache: one prefill, then one token a step
+
+Attention runs flash.py's Triton kernel on CUDA and torch's scaled_dot_product_attention
+elsewhere (the same math). Packed documents can be kept apart (doc_starts): tokens then
+attend only within their own document, and RoPE positions restart at each document.
+Read next: flash.py, the attention kernel; then train.py.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257  # the embedding and output rows are padded to a multiple of 64
+    block_size: int = 1024  # the longest sequence
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int = 0  # grouped-query attention: key/value heads, dividing n_head; 0 means n_head
+    n_embd: int = 768
+    mlp_hidden: int = 0  # 0 means 4 * n_embd
+    norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (Llama)
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"  # "gelu" (GPT-2's tanh approximation) or "swiglu" (Llama)
+    pos: str = "learned"  # "learned" (GPT-2) or "rope" (Llama)
+    rope_theta: float = 10000.0
+    bias: bool = True  # biases in the linear layers and LayerNorms
+    tie_embeddings: bool = True  # the output head is the token embedding
+    attn: str = "auto"  # "flash" (flash.py), "sdpa" (torch), or "auto": flash on CUDA, sdpa elsewhere
+
+    def __post_init__(self):
+        self.n_kv_head = self.n_kv_head or self.n_head
+        self.mlp_hidden = self.mlp_hidden or 4 * self.n_embd
+        for key, choices in [("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "swiglu")),
+                             ("pos", ("learned", "rope")), ("attn", ("auto", "flash", "sdpa"))]:
+            if getattr(self, key) not in choices:
+                raise ValueError(f"GPTConfig.{key}={getattr(self, key)!r}: choose one of {choices}")
+        if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} must divide n_embd={self.n_embd}, "
+                             f"and n_kv_head={self.n_kv_head} must divide n_head")
+        if self.pos == "rope" and self.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head size, got {self.head_dim}")
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab(self):
+        return -(-self.vocab_size // 64) * 64  # rounded up: matmuls run faster on multiples of 64
+
+# -----------------------------------------------------------------------------
+# The blocks
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight (Zhang & Sennrich 2019), computed in fp32 as Llama does."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+def make_norm(cfg):
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.n_embd, cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_tables(cfg):
+    """cos and sin of position * theta^(-2i/head_dim), as (block_size, head_dim / 2) tables."""
+    inv_freq = cfg.rope_theta ** -(torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
+    angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotates each pair (x[i], x[i + d/2]) of every head by its angle (Su et al. 2021; the
+    halves layout of Llama's weights). x: (B, T, H, D); cos, sin: (T, D/2) or (B, T, D/2)."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x, rope, docs, cache):
+        cfg, (B, T, _) = self.cfg, x.shape
+        H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        q, k, v = self.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:  # keys and values of earlier positions come from the cache
+            k, v = cache.update(self.layer, k, v)
+        y = attend(q, k, v, docs, cfg.attn)  # (B, T, H, D)
+        return self.proj(y.reshape(B, T, H * D))
+
+
+def attend(q, k, v, docs, attn):
+    """Causal attention. q: (B, Tq, H, D); k, v: (B, Tk, Hkv, D) with Tk >= Tq (the newest
+    Tq keys are the queries' own positions: the diagonal aligns bottom-right). docs:
+    None, or (doc_ids, cu_seqlens) to keep packed documents apart."""
+    if attn == "flash" or (attn == "auto" and q.is_cuda):
+        import flash  # imported here: triton is needed only on this path
+        if docs is None:
+            return flash.flash_attn(q, k, v, causal=True)
+        B, T, H, D = q.shape
+        y = flash.flash_attn_varlen(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D),
+                                    docs[1], T, causal=True)
+        return y.view(B, T, H, D)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # SDPA wants (B, H, T, D)
+    Tq, Tk = q.shape[2], k.shape[2]
+    mask = None
+    if docs is not None:  # block-diagonal causal: same document, and not in the future
+        doc_ids = docs[0]
+        mask = (doc_ids[:, :, None] == doc_ids[:, None, :]).tril().unsqueeze(1)  # (B, 1, T, T)
+    elif Tq != Tk and Tq > 1:
+        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and Tq == Tk,
+                                       enable_gqa=q.shape[1] != k.shape[1])
+    return y.transpose(1, 2)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        # SwiGLU (Shazeer 2020) keeps two projections, gate and up, in one matmul
+        self.fc = nn.Linear(cfg.n_embd, cfg.mlp_hidden * (2 if self.swiglu else 1), bias=cfg.bias)
+        self.proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            return self.proj(F.silu(gate) * up)
+        return self.proj(F.gelu(h, approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.norm1, self.attn = make_norm(cfg), Attention(cfg, layer)
+        self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
+
+    def forward(self, x, rope, docs, cache):
+        x = x + self.attn(self.norm1(x), rope, docs, cache)
+        return x + self.mlp(self.norm2(x))
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `length` positions. Under GQA it
+    holds only the n_kv_head heads."""
+
+    def __init__(self, cfg, batch, length, device, dtype):
+        shape = (batch, length, cfg.n_kv_head, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.pos = 0  # positions filled so far; GPT.forward advances it
+
+    def update(self, layer, k, v):
+        end = self.pos + k.shape[1]
+        self.k[layer][:, self.pos:end], self.v[layer][:, self.pos:end] = k, v
+        return self.k[layer][:, :end], self.v[layer][:, :end]
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.padded_vocab, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, cfg.padded_vocab, bias=False)
+        if cfg.pos == "rope":
+            cos, sin = rope_tables(cfg)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        # GPT-2's init: N(0, 0.02), and the projections that add into the residual stream
+        # scaled by 1/sqrt(2 * n_layer), so the stream's variance does not grow with depth
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
+            elif p.dim() == 2:
+                nn.init.normal_(p, std=0.02)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token (forward + backward), for MFU: 6 per weight of every
+        matmul (2 forward, 4 backward; the output head included, the embedding lookups
+        not), plus attention's QK^T and AV: 2 matmuls x 2 FLOPs x seq_len x n_head x
+        head_dim, forward, times 3: 12 * n_layer * n_head * head_dim * seq_len. As in
+        PaLM (Chowdhery et al. 2022) and nanoGPT, not halved for the causal mask."""
+        cfg = self.cfg
+        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        matmul += 0 if self.lm_head is not None else self.wte.weight.numel()
+        return 6 * matmul + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+
+    def forward(self, idx, targets=None, doc_starts=None, cache=None, all_logits=False):
+        """idx, targets: (B, T) ids; the loss skips targets of -1. doc_starts: (B, T) bool,
+        True where a document starts (at its end-of-text token), to keep packed documents
+        apart. cache: a KVCache for generation. Returns (logits, loss); without targets,
+        logits only for the last position unless all_logits."""
+        cfg, (B, T) = self.cfg, idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > cfg.block_size:
+            raise ValueError(f"sequence of {start + T} tokens, but block_size is {cfg.block_size}")
+        docs = None
+        if doc_starts is not None:
+            if cache is not None:
+                raise ValueError("doc_starts and a KV cache cannot be combined")
+            t = torch.arange(T, device=idx.device)
+            first = torch.where(doc_starts, t, 0).cummax(dim=1).values  # where each token's document starts
+            pos = t - first  # (B, T): positions restart in every document
+            starts = doc_starts.clone()
+            starts[:, 0] = True
+            cu_seqlens = F.pad(starts.flatten().nonzero().flatten(), (0, 1), value=B * T).int()
+            docs = (starts.cumsum(1), cu_seqlens)
+        else:
+            pos = torch.arange(start, start + T, device=idx.device)
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(pos)
+        rope = (self.rope_cos[pos], self.rope_sin[pos]) if cfg.pos == "rope" else None
+        for block in self.blocks:
+            x = block(x, rope, docs, cache)
+        if cache is not None:
+            cache.pos += T
+        x = self.norm_f(x)
+        if targets is None and not all_logits:
+            x = x[:, -1:]  # generation needs only the next token's distribution
+        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.wte.weight)
+        if cfg.padded_vocab > cfg.vocab_size:
+            logits[..., cfg.vocab_size:] = float("-inf")  # padding: zero probability, in the loss too
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        return logits[..., :cfg.vocab_size], loss
+
+    # --- generation ---
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eot_id=None, generator=None):
+        """Samples max_new_tokens after idx (B, T) and returns (B, T + new). A row that
+        produces eot_id is padded with eot_id from there, and generation stops once
+        every row has."""
+        new = list(self.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p, eot_id, generator))
+        return torch.cat([idx] + [t[:, None] for t in new], dim=1)
+
+    @torch.no_grad()
+    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eot_id=None,
+                        generator=None):
+        """Yields the next token of every row, (B,), one step at a time: one prefill of the
+        prompt into a KV cache, then one-token steps. When the cache is full, the last
+        half block is prefilled again, so generation can run past block_size."""
+        B, window = idx.shape[0], self.cfg.block_size
+        dtype = next(self.parameters()).dtype
+        context, done = idx[:, -window:], torch.zeros(B, dtype=torch.bool, device=idx.device)
+        cache = token = None
+        for _ in range(max_new_tokens):
+            if cache is None or cache.pos == window:
+                context = context[:, -(window // 2):] if cache is not None else context
+                cache = KVCache(self.cfg, B, window, idx.device, dtype)
+                logits, _ = self(context, cache=cache)
+            else:
+                logits, _ = self(token[:, None], cache=cache)
+            token = sample(logits[:, -1].float(), temperature, top_k, top_p, generator)
+            if eot_id is not None:
+                token = torch.where(done, eot_id, token)
+                done |= token == eot_id
+            context = torch.cat([context, token[:, None]], dim=1)
+            yield token
+            if eot_id is not None and done.all():
+                return
+
+    # --- pretrained weights ---
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir, **overrides):
+        """GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl), SmolLM2 (HuggingFaceTB/SmolLM2-135M,
+        -360M), or a directory with a Hugging Face config.json + model.safetensors of either
+        family. Downloads go to data/pretrained/. overrides: GPTConfig fields such as attn."""
+        directory = pretrained_dir(name_or_dir, ["config.json", "model.safetensors"])
+        with open(os.path.join(directory, "config.json")) as f:
+            cfg = config_from_hf(json.load(f), **overrides)
+        model = cls(cfg)
+        path = os.path.join(directory, "model.safetensors")
+        weights = hf_to_ours(load_safetensors(path), cfg)
+        ours = model.state_dict()
+        for name, t in weights.items():
+            if name not in ours:
+                raise ValueError(f"{path}: tensor {t.hf_name!r} has no place in the model")
+            target = ours[name]
+            if name in ("wte.weight", "lm_head.weight") and t.shape[0] <= target.shape[0]:
+                target = target[:t.shape[0]]  # the padded rows stay as initialised
+            if t.shape != target.shape:
+                raise ValueError(f"{path}: tensor {t.hf_name!r} has shape {tuple(t.shape)}, the model "
+                                 f"expects {tuple(target.shape)}")
+            with torch.no_grad():
+                target.copy_(t)
+        missing = sorted(set(ours) - set(weights))
+        if missing:
+            raise ValueError(f"{path}: no tensor for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        return model
+
+
+def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token per row from logits (B, V): greedy when temperature is 0, else from
+    softmax(logits / temperature) filtered by top-k, then top-p."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = F.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def filter_logits(logits, top_k=None, top_p=None):
+    """Sets to -inf every logit outside the top_k largest, then outside the nucleus: the
+    smallest set of tokens whose probabilities add up to top_p (Holtzman et al. 2019)."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = F.softmax(sorted_logits, dim=-1)
+        outside = probs.cumsum(-1) - probs >= top_p  # the mass before this token already reaches top_p
+        logits = logits.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
+    return logits
+
+# -----------------------------------------------------------------------------
+# Hugging Face checkpoints: config.json, safetensors, and the names of the weights
+
+
+PRETRAINED = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
+              "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl",
+              "HuggingFaceTB/SmolLM2-135M": "HuggingFaceTB/SmolLM2-135M",
+              "HuggingFaceTB/SmolLM2-360M": "HuggingFaceTB/SmolLM2-360M"}
+
+
+def pretrained_dir(name_or_dir, files):
+    """A directory holding `files`: name_or_dir itself, or data/pretrained/<repo>, where
+    missing files are downloaded with prepare.py's downloader."""
+    if os.path.isdir(name_or_dir):
+        return name_or_dir
+    if name_or_dir not in PRETRAINED:
+        raise ValueError(f"unknown pretrained model {name_or_dir!r}: not a directory, nor one of "
+                         f"{', '.join(PRETRAINED)}")
+    import prepare
+    repo = PRETRAINED[name_or_dir]
+    directory = os.path.join("data", "pretrained", repo)
+    for file in files:
+        prepare.download(f"{prepare.HF}/{repo}/resolve/main/{file}", os.path.join(directory, file))
+    return directory
+
+
+def config_from_hf(hf, **overrides):
+    """A GPTConfig from a Hugging Face config.json of the gpt2 or llama family."""
+    kind = hf.get("model_type")
+    if kind == "gpt2":
+        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"GPT-2 with activation {hf['activation_function']!r} is not supported")
+        kw = dict(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
+                  n_head=hf["n_head"], n_embd=hf["n_embd"], mlp_hidden=hf.get("n_inner") or 0,
+                  norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+    elif kind == "llama":
+        rope = hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta", 10000.0)}
+        heads, width = hf["num_attention_heads"], hf["hidden_size"]
+        unsupported = [what for what, used in [
+            ("RoPE scaling", hf.get("rope_scaling") or rope.get("rope_type", "default") != "default"),
+            ("biases", hf.get("attention_bias") or hf.get("mlp_bias")),
+            (f"the activation {hf.get('hidden_act')!r}", hf.get("hidden_act", "silu") != "silu"),
+            ("a head_dim that does not split hidden_size", hf.get("head_dim", width // heads) * heads != width)]
+            if used]
+        if unsupported:
+            raise ValueError(f"this Llama config uses {', '.join(unsupported)}, which model.py does not have")
+        kw = dict(vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"], n_layer=hf["num_hidden_layers"],
+                  n_head=heads, n_kv_head=hf.get("num_key_value_heads") or 0, n_embd=width,
+                  mlp_hidden=hf["intermediate_size"], norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
+                  mlp="swiglu", pos="rope", rope_theta=rope["rope_theta"], bias=False,
+                  tie_embeddings=hf.get("tie_word_embeddings", False))
+    else:
+        raise ValueError(f"model_type {kind!r} is not supported: use a gpt2 or llama checkpoint")
+    return GPTConfig(**{**kw, **overrides})
+
+
+def hf_to_ours(tensors, cfg):
+    """Renames Hugging Face weights to ours: GPT-2's Conv1D weights are stored (in, out),
+    so they are transposed; Llama's q/k/v and gate/up projections are concatenated into
+    our fused qkv and fc. Every returned tensor has .hf_name, for error messages."""
+    def take(name):
+        if name not in tensors:
+            raise ValueError(f"no tensor {name!r} in the checkpoint")
+        t = tensors.pop(name)
+        t.hf_name = name
+        return t
+
+    out = {}
+    if cfg.norm == "layernorm":  # GPT-2: names may or may not start with "transformer."
+        tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()
+                   if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # causal-mask buffers, not weights
+        out["wte.weight"], out["wpe.weight"] = take("wte.weight"), take("wpe.weight")
+        for i in range(cfg.n_layer):
+            for ours, hf, conv1d in [("norm1", "ln_1", 0), ("attn.qkv", "attn.c_attn", 1), ("attn.proj", "attn.c_proj", 1),
+                                     ("norm2", "ln_2", 0), ("mlp.fc", "mlp.c_fc", 1), ("mlp.proj", "mlp.c_proj", 1)]:
+                w = take(f"h.{i}.{hf}.weight")
+                out[f"blocks.{i}.{ours}.weight"] = w.t() if conv1d else w
+                out[f"blocks.{i}.{ours}.weight"].hf_name = w.hf_name
+                out[f"blocks.{i}.{ours}.bias"] = take(f"h.{i}.{hf}.bias")
+        out["norm_f.weight"], out["norm_f.bias"] = take("ln_f.weight"), take("ln_f.bias")
+        tensors.pop("lm_head.weight", None)  # GPT-2 ties it to wte
+    else:
+        out["wte.weight"] = take("model.embed_tokens.weight")
+        for i in range(cfg.n_layer):
+            p, o = f"model.layers.{i}.", f"blocks.{i}."
+            out[o + "norm1.weight"] = take(p + "input_layernorm.weight")
+            out[o + "norm2.weight"] = take(p + "post_attention_layernorm.weight")
+            out[o + "attn.proj.weight"] = take(p + "self_attn.o_proj.weight")
+            out[o + "mlp.proj.weight"] = take(p + "mlp.down_proj.weight")
+            for ours, parts in [("attn.qkv", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+                                ("mlp.fc", ["mlp.gate_proj", "mlp.up_proj"])]:
+                ws = [take(p + part + ".weight") for part in parts]
+                out[o + ours + ".weight"] = torch.cat(ws)
+                out[o + ours + ".weight"].hf_name = ws[0].hf_name
+        out["norm_f.weight"] = take("model.norm.weight")
+        if cfg.tie_embeddings:
+            tensors.pop("lm_head.weight", None)
+        else:
+            out["lm_head.weight"] = take("lm_head.weight")
+    if tensors:
+        raise ValueError(f"unused tensor {next(iter(tensors))!r} in the checkpoint: it does not fit this config")
+    return out
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def load_safetensors(path):
+    """name -> tensor from a .safetensors file: 8 bytes (little-endian u64) giving the
+    header's length N, N bytes of JSON {name: {dtype, shape, data_offsets}}, then the
+    little-endian data, offsets counted from its start."""
+    size = os.path.getsize(path)
+    tensors = {}
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        try:
+            if n > size - 8:
+                raise ValueError(f"its header claims {n} bytes, more than the file")
+            header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):  # in file order
+                if info["dtype"] not in SAFETENSORS_DTYPES:
+                    raise ValueError(f"tensor {name!r} has dtype {info['dtype']}, not a float type")
+                dtype, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
+                want = math.prod(info["shape"]) * dtype.itemsize
+                if end - begin != want or 8 + n + end > size:
+                    raise ValueError(f"tensor {name!r} should have {want} bytes at {begin}..{end} of the data, "
+                                     "but the offsets or the file size disagree (a truncated download?)")
+                f.seek(8 + n + begin)
+                tensors[name] = torch.frombuffer(bytearray(f.read(want)), dtype=dtype).reshape(info["shape"])
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a valid safetensors file: {e}") from None
+    return tensors
+
+
+def pretrained_tokenizer(name_or_dir):
+    """The tokenizer that goes with a pretrained model: tiktoken's gpt2 for GPT-2, or the
+    model's own tokenizer.json (SmolLM2), loaded into bpe.py."""
+    import bpe
+    if name_or_dir in PRETRAINED and name_or_dir.startswith("gpt2"):
+        import tiktoken
+        return tiktoken.get_encoding("gpt2")
+    directory = pretrained_dir(name_or_dir, ["tokenizer.json"])
+    for a, b in [("tokenizer.json", None), ("vocab.json", "merges.txt")]:
+        if os.path.exists(os.path.join(directory, a)) and (b is None or os.path.exists(os.path.join(directory, b))):
+            if b is None:
+                return bpe.Tokenizer.from_hf_json(os.path.join(directory, a))
+            return bpe.Tokenizer.from_gpt2_files(os.path.join(directory, b), os.path.join(directory, a))
+    raise FileNotFoundError(f"{directory}: no tokenizer.json, nor vocab.json + merges.txt")
