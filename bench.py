@@ -222,7 +222,74 @@ def bench_model():
               f"**{t_base / t_ours:.2f}x** |")
 
 
-SECTIONS = {"tokenizer": bench_tokenizer, "prepare": bench_prepare, "model": bench_model}
+# -----------------------------------------------------------------------------
+# attention: flash.py against SDPA's FlashAttention-2 backend and naive PyTorch (CUDA only)
+
+
+def bench_attention():
+    if not torch.cuda.is_available():
+        print("\n### Attention\n\nneeds a CUDA GPU: skipped")
+        return
+    import triton
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import flash
+
+    def naive(q, k, v, causal):  # (B, H, N, D): the whole score matrix in memory
+        s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        if causal:
+            s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+        return torch.softmax(s.float(), -1).to(q.dtype) @ v
+
+    def sdpa(q, k, v, causal):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    impls = {"flash.py": lambda q, k, v, c: flash.flash_attn(q, k, v, causal=c),  # (B, N, H, D)
+             "SDPA flash": lambda q, k, v, c: sdpa(*(x.transpose(1, 2) for x in (q, k, v)), c).transpose(1, 2),
+             "naive": lambda q, k, v, c: naive(*(x.transpose(1, 2) for x in (q, k, v)), c).transpose(1, 2)}
+
+    def measure(fn, q, k, v, causal):
+        """ms for forward, backward, forward + backward, and the peak memory of a step in MB."""
+        do = torch.randn_like(q)
+        fwd = triton.testing.do_bench(lambda: fn(q, k, v, causal))
+        o = fn(q, k, v, causal)
+        bwd = triton.testing.do_bench(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True))
+        both = triton.testing.do_bench(lambda: torch.autograd.grad(fn(q, k, v, causal), (q, k, v), do))
+        o = None  # free it before measuring the peak
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        torch.autograd.grad(fn(q, k, v, causal), (q, k, v), do)
+        return fwd, bwd, both, (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+    header(f"Attention, bf16, {torch.cuda.get_device_name()}: TFLOP/s (forward 4·B·H·N²·d, halved when causal; "
+           "backward 2.5x that)", {"torch": torch.__version__, "triton": triton.__version__})
+    print("| N | d | causal | flash.py fwd / bwd / both | SDPA fwd / bwd / both | naive both | both vs SDPA | "
+          "peak MB flash.py / SDPA |")
+    print("|---:|---:|---|---|---|---:|---:|---|")
+    for d in (64, 128):
+        for causal in (True, False):
+            for n in (512, 1024, 2048, 4096, 8192, 16384):
+                B, H = max(1, 16384 // n), 2048 // d  # 16k tokens of a 2048-wide model
+                q, k, v = (torch.randn(B, n, H, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                           for _ in range(3))
+                flops = 4 * B * H * n * n * d / (2 if causal else 1)
+                res = {name: measure(fn, q, k, v, causal) for name, fn in impls.items()
+                       if name != "naive" or n <= 4096}
+                tf = {name: [f / t * 1e-9 for f, t in zip((flops, 2.5 * flops, 3.5 * flops), r[:3])]
+                      for name, r in res.items()}
+                fmt = lambda xs: " / ".join(f"{x:.0f}" for x in xs)  # noqa: E731
+                naive_both = f"{tf['naive'][2]:.0f}" if "naive" in tf else "n/a"
+                print(f"| {n} | {d} | {causal} | {fmt(tf['flash.py'])} | {fmt(tf['SDPA flash'])} | {naive_both} | "
+                      f"**{res['SDPA flash'][2] / res['flash.py'][2]:.2f}x** | "
+                      f"{res['flash.py'][3]:.0f} / {res['SDPA flash'][3]:.0f} |")
+    q, k, v = (torch.randn(1, 16384, 16, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    ms = {name: measure(impls[name], q, k, v, True)[2] for name in ("flash.py", "SDPA flash")}
+    print(f"\nB=1, H=16, N=16384, d=64, causal, bf16, forward + backward: flash.py {ms['flash.py']:.2f} ms, "
+          f"SDPA flash {ms['SDPA flash']:.2f} ms")
+
+
+SECTIONS = {"tokenizer": bench_tokenizer, "prepare": bench_prepare, "model": bench_model,
+            "attention": bench_attention}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(SECTIONS)

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import tracemalloc
 import contextlib
+import dataclasses
 
 import math
 
@@ -942,3 +943,124 @@ def test_bpe_from_hf_tokenizer_json(tmp_path):
     (tmp_path / "tokenizer.json").write_text('{"model": {"type": "Unigram"}}')
     with pytest.raises(ValueError, match="tokenizer.json that bpe.py can load"):
         bpe.Tokenizer.from_hf_json(tmp_path / "tokenizer.json")
+
+# -----------------------------------------------------------------------------
+# flash.py (on CPU through TRITON_INTERPRET=1: fp32 and fp16; bf16 and big sizes need CUDA)
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+def attention_fp64(q, k, v, causal, window=None, scale=None):
+    """The reference: plain attention in fp64. q (B, Tq, H, D), k and v (B, Tk, Hkv, D);
+    the causal diagonal aligns bottom-right. Rows that see no key give 0 and lse -inf."""
+    q, k, v = q.double(), k.double(), v.double()
+    (_, Tq, H, D), Tk = q.shape, k.shape[1]
+    k, v = (x.repeat_interleave(H // x.shape[2], dim=2) for x in (k, v))
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * (scale or D ** -0.5)
+    i, j = torch.arange(Tq)[:, None] + Tk - Tq, torch.arange(Tk)[None, :]
+    keep = (j <= i if causal else torch.ones(Tq, Tk, dtype=torch.bool)) & (j >= i - window if window is not None else True)
+    s = s.masked_fill(~keep.to(s.device), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    o = torch.einsum("bhqk,bkhd->bqhd", torch.exp(s - lse[..., None]).nan_to_num(0.0), v)
+    return o, lse
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Every buffer flash.py allocates starts as NaN, so an element it forgets to write shows."""
+    empty_like = torch.empty_like
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "empty_like", lambda *a, **kw: empty_like(*a, **kw).fill_(float("nan")))
+        yield
+
+
+def check_flash(B, Tq, Tk, H, Hkv, D, causal, window=None, dtype=torch.float32, device="cpu", seed=0):
+    import flash
+    g = torch.Generator(device=device).manual_seed(seed)
+    q, k, v = (torch.randn(B, T, h, D, generator=g, device=device, dtype=dtype).requires_grad_()
+               for T, h in [(Tq, H), (Tk, Hkv), (Tk, Hkv)])
+    do = torch.randn(B, Tq, H, D, generator=g, device=device, dtype=dtype)
+    with poisoned_outputs():
+        o, lse = flash.flash_attn(q, k, v, causal=causal, window=window, return_lse=True)
+        o.backward(do)
+    refs = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    o_ref, lse_ref = attention_fp64(*refs, causal, window)
+    o_ref.backward(do.double())
+    tol = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    for name, got, want in [("o", o, o_ref), ("dq", q.grad, refs[0].grad), ("dk", k.grad, refs[1].grad),
+                            ("dv", v.grad, refs[2].grad)]:
+        err = (got.double() - want).abs().max().item()
+        assert err <= tol * max(1.0, want.abs().max().item()), (name, err)
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref)) and (lse - lse_ref).nan_to_num(0).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("B,Tq,Tk,H,Hkv,D,causal,window,dtype", [
+    (2, 1, 1, 2, 2, 32, True, None, torch.float32),        # seqlen 1
+    (2, 17, 17, 4, 2, 64, True, None, torch.float32),      # GQA 2:1
+    (1, 127, 127, 3, 1, 32, False, None, torch.float32),   # MQA, non-causal
+    (1, 129, 129, 2, 2, 80, True, None, torch.float32),    # head dim 80: the padded dims are masked
+    (1, 129, 129, 2, 1, 128, False, None, torch.float16),
+    (1, 64, 64, 2, 2, 32, True, 10, torch.float32),        # sliding window
+    (1, 70, 70, 4, 2, 64, False, 20, torch.float16),
+    (1, 17, 60, 2, 1, 64, True, None, torch.float32),      # Tq < Tk: a prefill against a KV cache
+    (1, 40, 24, 2, 2, 32, True, None, torch.float32),      # Tq > Tk: the first 16 queries see no key
+    (2, 33, 33, 2, 2, 16, True, None, torch.float16),
+])
+def test_flash_matches_fp64(B, Tq, Tk, H, Hkv, D, causal, window, dtype):
+    check_flash(B, Tq, Tk, H, Hkv, D, causal, window, dtype, device="cuda" if CUDA else "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_flash_varlen_documents(dtype):
+    import flash
+    device = "cuda" if CUDA else "cpu"
+    lengths = [1, 23, 1, 40, 7, 1, 15]  # random-ish, with documents of one token
+    cu = torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
+    total, H, Hkv, D = sum(lengths), 4, 2, 64
+    g = torch.Generator(device=device).manual_seed(1)
+    q, k, v = (torch.randn(total, h, D, generator=g, device=device, dtype=dtype).requires_grad_() for h in (H, Hkv, Hkv))
+    do = torch.randn(total, H, D, generator=g, device=device, dtype=dtype)
+    with poisoned_outputs():
+        o, lse = flash.flash_attn_varlen(q, k, v, cu, max(lengths), causal=True, return_lse=True)
+        o.backward(do)
+    tol = 2e-5 if dtype == torch.float32 else 1e-2
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):  # each document on its own
+        refs = [x.detach()[a:b][None].double().requires_grad_() for x in (q, k, v)]
+        o_ref, lse_ref = attention_fp64(*refs, causal=True)
+        o_ref.backward(do[a:b][None].double())
+        for got, want in [(o[a:b], o_ref[0]), (q.grad[a:b], refs[0].grad[0]), (k.grad[a:b], refs[1].grad[0]),
+                          (v.grad[a:b], refs[2].grad[0])]:
+            assert (got.double() - want).abs().max() <= tol * max(1, want.abs().max()), (a, b)
+        assert (lse[:, a:b].double() - lse_ref[0]).abs().max() < 1e-4
+
+
+def test_flash_in_the_model():
+    # model.py with attn="flash" gives what attn="sdpa" gives: plain, packed documents, KV cache
+    m = tiny("llama")
+    f = GPT(dataclasses.replace(m.cfg, attn="flash")).eval()
+    f.load_state_dict(m.state_dict())
+    idx = torch.randint(0, 1000, (2, 40))
+    starts = torch.rand(2, 40) < 0.1
+    for kw in [{}, dict(doc_starts=starts)]:
+        assert (m(idx, all_logits=True, **kw)[0] - f(idx, all_logits=True, **kw)[0]).abs().max() < 1e-4
+    assert torch.equal(m.generate(idx[:, :5], 12, temperature=0), f.generate(idx[:, :5], 12, temperature=0))
+
+
+def test_flash_bad_input():
+    import flash
+    q = torch.randn(1, 8, 4, 32)
+    with pytest.raises(ValueError, match="heads"):
+        flash.flash_attn(q, torch.randn(1, 8, 3, 32), torch.randn(1, 8, 3, 32))
+    with pytest.raises(ValueError, match="head size 8"):
+        flash.flash_attn(torch.randn(1, 8, 4, 8), torch.randn(1, 8, 4, 8), torch.randn(1, 8, 4, 8))
+    with pytest.raises(ValueError, match="share"):
+        flash.flash_attn(q, q.half(), q)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_cuda_large(dtype, causal):
+    for B, T, H, Hkv, D, window in [(2, 1024, 8, 2, 64, None), (1, 2048, 4, 4, 128, None), (1, 1000, 6, 3, 96, 256)]:
+        check_flash(B, T, T, H, Hkv, D, causal, window, dtype, device="cuda")
