@@ -53,7 +53,8 @@ def _prune(configs, named_args, **kwargs):
     # a block far taller than the longest sequence only computes padding (decoding: 1 query)
     rows = max(16, triton.next_power_of_2(named_args["max_rows"]))
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= rows and c.kwargs["BLOCK_N"] <= max(rows, 64)]
-    return kept or configs[:1]
+    smallest = min(c.kwargs["BLOCK_M"] for c in configs)
+    return kept or [c for c in configs if c.kwargs["BLOCK_M"] == smallest]
 
 
 @triton.jit
@@ -297,9 +298,9 @@ class _FlashAttention(torch.autograd.Function):
 def _check(q, k, v, window):
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"q, k and v must share one of fp16, bf16, fp32; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.shape != v.shape or q.shape[-1] != k.shape[-1] or q.shape[-2] % k.shape[-2]:
+    if k.shape != v.shape or q.shape[-1] != k.shape[-1] or q.shape[-2] % k.shape[-2] or q.shape[:-3] != k.shape[:-3]:
         raise ValueError(f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: k and v must match, "
-                         "share q's head size, and have a number of heads that divides q's")
+                         "share q's batch and head size, and have a number of heads that divides q's")
     if not 16 <= q.shape[-1] <= 256:
         raise ValueError(f"head size {q.shape[-1]}: flash.py supports 16 to 256")
     if not (q.is_cuda or INTERPRET):
@@ -318,11 +319,14 @@ def flash_attn(q, k, v, causal=True, softmax_scale=None, window=None, return_lse
     query may see (besides its own). Returns o (B, Tq, H, D), and lse (B, H, Tq) if asked."""
     _check(q, k, v, window)
     (B, Tq, H, D), Tk = q.shape, k.shape[1]
+    if B * Tq * Tk == 0:  # nothing to attend: zeros, as for a query row that sees no key (no gradient)
+        o = q.new_zeros(q.shape)
+        return (o, torch.full((B, H, Tq), float("-inf"), device=q.device)) if return_lse else o
     q, k, v = _last_dim_contiguous(q, k, v)
     cu_q = torch.arange(0, (B + 1) * Tq, Tq, device=q.device, dtype=torch.int32)
     cu_k = torch.arange(0, (B + 1) * Tk, Tk, device=q.device, dtype=torch.int32)
     o, lse = _FlashAttention.apply(q.reshape(B * Tq, H, D), k.reshape(B * Tk, -1, D), v.reshape(B * Tk, -1, D),
-                                   cu_q, cu_k, Tq, Tk, causal, softmax_scale or D ** -0.5, window)
+                                   cu_q, cu_k, Tq, Tk, causal, D ** -0.5 if softmax_scale is None else softmax_scale, window)
     o = o.view(B, Tq, H, D)
     return (o, lse.view(H, B, Tq).transpose(0, 1)) if return_lse else o
 
@@ -331,10 +335,11 @@ def flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, causal=True, softmax_scal
                       return_lse=False):
     """Attention within each packed sequence: q (total, H, D), k, v (total, Hkv, D);
     sequence b is rows cu_seqlens[b]:cu_seqlens[b+1] (int32, starting at 0, ending at
-    total); max_seqlen bounds the longest. Returns o (total, H, D), and lse (H, total)."""
+    total); max_seqlen bounds the longest. Neither is checked, as that would make the
+    GPU wait for the CPU. Returns o (total, H, D), and lse (H, total)."""
     _check(q, k, v, window)
     q, k, v = _last_dim_contiguous(q, k, v)
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
     o, lse = _FlashAttention.apply(q, k, v, cu, cu, max_seqlen, max_seqlen, causal,
-                                   softmax_scale or q.shape[-1] ** -0.5, window)
+                                   q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale, window)
     return (o, lse) if return_lse else o

@@ -295,7 +295,7 @@ class GPT(nn.Module):
         cache = token = None
         for _ in range(max_new_tokens):
             if cache is None or cache.pos == window:
-                context = context[:, -(window // 2):] if cache is not None else context
+                context = context[:, -max(1, window // 2):] if cache is not None else context
                 cache = KVCache(self.cfg, B, window, idx.device, dtype)
                 logits, _ = self(context, cache=cache)
             else:
@@ -343,22 +343,26 @@ class GPT(nn.Module):
 def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """One token per row from logits (B, V): greedy when temperature is 0, else from
     softmax(logits / temperature) filtered by top-k, then top-p."""
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature}: it must be 0 (greedy) or more")
     if temperature == 0:
         return logits.argmax(-1)
-    probs = F.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+    logits = (logits - logits.max(-1, keepdim=True).values) / temperature  # no overflow at tiny temperatures
+    probs = F.softmax(filter_logits(logits, top_k, top_p), dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def filter_logits(logits, top_k=None, top_p=None):
     """Sets to -inf every logit outside the top_k largest, then outside the nucleus: the
     smallest set of tokens whose probabilities add up to top_p (Holtzman et al. 2019)."""
-    if top_k is not None and top_k < logits.shape[-1]:
+    if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = F.softmax(sorted_logits, dim=-1)
         outside = probs.cumsum(-1) - probs >= top_p  # the mass before this token already reaches top_p
+        outside[..., 0] = False  # the most likely token always stays
         logits = logits.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
     return logits
 
@@ -392,11 +396,17 @@ def config_from_hf(hf, **overrides):
     """A GPTConfig from a Hugging Face config.json of the gpt2 or llama family."""
     kind = hf.get("model_type")
     if kind == "gpt2":
-        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"GPT-2 with activation {hf['activation_function']!r} is not supported")
+        unsupported = [what for what, used in [
+            (f"the activation {hf.get('activation_function')!r}",
+             hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh")),
+            ("unscaled attention", not hf.get("scale_attn_weights", True)),
+            ("attention scaled by layer", hf.get("scale_attn_by_inverse_layer_idx")),
+            ("reordered attention", hf.get("reorder_and_upcast_attn"))] if used]
+        if unsupported:
+            raise ValueError(f"this GPT-2 config uses {', '.join(unsupported)}, which model.py does not have")
         kw = dict(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
                   n_head=hf["n_head"], n_embd=hf["n_embd"], mlp_hidden=hf.get("n_inner") or 0,
-                  norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+                  norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=hf.get("tie_word_embeddings", True))
     elif kind == "llama":
         rope = hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta", 10000.0)}
         heads, width = hf["num_attention_heads"], hf["hidden_size"]
@@ -442,7 +452,6 @@ def hf_to_ours(tensors, cfg):
                 out[f"blocks.{i}.{ours}.weight"].hf_name = w.hf_name
                 out[f"blocks.{i}.{ours}.bias"] = take(f"h.{i}.{hf}.bias")
         out["norm_f.weight"], out["norm_f.bias"] = take("ln_f.weight"), take("ln_f.bias")
-        tensors.pop("lm_head.weight", None)  # GPT-2 ties it to wte
     else:
         out["wte.weight"] = take("model.embed_tokens.weight")
         for i in range(cfg.n_layer):
@@ -457,10 +466,10 @@ def hf_to_ours(tensors, cfg):
                 out[o + ours + ".weight"] = torch.cat(ws)
                 out[o + ours + ".weight"].hf_name = ws[0].hf_name
         out["norm_f.weight"] = take("model.norm.weight")
-        if cfg.tie_embeddings:
-            tensors.pop("lm_head.weight", None)
-        else:
-            out["lm_head.weight"] = take("lm_head.weight")
+    if cfg.tie_embeddings:
+        tensors.pop("lm_head.weight", None)  # a copy of the embedding, if saved at all
+    else:
+        out["lm_head.weight"] = take("lm_head.weight")
     if tensors:
         raise ValueError(f"unused tensor {next(iter(tensors))!r} in the checkpoint: it does not fit this config")
     return out
@@ -472,26 +481,35 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 def load_safetensors(path):
     """name -> tensor from a .safetensors file: 8 bytes (little-endian u64) giving the
     header's length N, N bytes of JSON {name: {dtype, shape, data_offsets}}, then the
-    little-endian data, offsets counted from its start."""
+    little-endian data; the offsets count from its start and tile it, without gaps."""
     size = os.path.getsize(path)
     tensors = {}
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         try:
-            if n > size - 8:
-                raise ValueError(f"its header claims {n} bytes, more than the file")
+            if size < 8 or n > size - 8:
+                raise ValueError(f"it has {size} bytes, too few for its header")
             header = json.loads(f.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("its header is not a JSON object")
             header.pop("__metadata__", None)
-            for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):  # in file order
-                if info["dtype"] not in SAFETENSORS_DTYPES:
+            end = 0
+            for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"]):  # in file order
+                dtype, shape, (begin, stop) = SAFETENSORS_DTYPES.get(info["dtype"]), info["shape"], info["data_offsets"]
+                if dtype is None:
                     raise ValueError(f"tensor {name!r} has dtype {info['dtype']}, not a float type")
-                dtype, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
-                want = math.prod(info["shape"]) * dtype.itemsize
-                if end - begin != want or 8 + n + end > size:
-                    raise ValueError(f"tensor {name!r} should have {want} bytes at {begin}..{end} of the data, "
-                                     "but the offsets or the file size disagree (a truncated download?)")
+                if not all(isinstance(d, int) and d >= 0 for d in shape):
+                    raise ValueError(f"tensor {name!r} has the shape {shape}")
+                want = math.prod(shape) * dtype.itemsize
+                if begin != end or stop - begin != want or 8 + n + stop > size:
+                    raise ValueError(f"tensor {name!r} should have {want} bytes from {end} of the data, but its "
+                                     f"offsets are {begin}..{stop} (the file has {size - 8 - n}: a truncated download?)")
+                end = stop
                 f.seek(8 + n + begin)
-                tensors[name] = torch.frombuffer(bytearray(f.read(want)), dtype=dtype).reshape(info["shape"])
+                data = bytearray(f.read(want))
+                tensors[name] = (torch.frombuffer(data, dtype=dtype) if want else torch.empty(0, dtype=dtype)).reshape(shape)
+            if 8 + n + end != size:
+                raise ValueError(f"{size - 8 - n - end} bytes after the last tensor")
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not a valid safetensors file: {e}") from None
     return tensors

@@ -547,7 +547,7 @@ def test_configure(tmp_path):
     with pytest.raises(SystemExit, match="unknown setting 'block_size' in .*x.py"):
         prepare.configure(dict(settings), [str(config)])
     s = dict(settings)
-    prepare.configure(s, [str(config), "--lr=0.5"], others_in_file=True)  # the command line wins
+    prepare.configure(s, [str(config), "--lr=0.5"], others={"block_size"})  # the command line wins
     assert (s["n_layer"], s["lr"]) == (12, 0.5)
     prepare.configure(s, ["--lr=inf"])
     assert s["lr"] == float("inf")
@@ -558,7 +558,7 @@ def test_configure(tmp_path):
                       ([str(tmp_path / "bad.py")], "bad.py failed: SyntaxError"), (["--lr=1" + "0" * 400], "must be a float")]:
         (tmp_path / "bad.py").write_text("n_layer = = 2\n")
         with pytest.raises(SystemExit, match=msg):
-            prepare.configure(dict(settings), argv, others_in_file=True)
+            prepare.configure(dict(settings), argv, others=True)
 
 
 def test_download_full_resumed_and_restarted(server, tmp_path, fast_retries):
@@ -755,6 +755,7 @@ def hf_pair(kind, tmp_path, **kw):
 
 @pytest.mark.parametrize("kind,kw", [
     ("gpt2", {}),
+    ("gpt2", dict(tie_word_embeddings=False, n_inner=96)),
     ("llama", dict(num_key_value_heads=6, rope_theta=10000.0, tie_word_embeddings=False)),  # GQA ratio 1
     ("llama", dict(num_key_value_heads=2, rope_theta=500000.0, tie_word_embeddings=True)),  # GQA ratio 3
     ("llama", dict(num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=False)),
@@ -817,6 +818,8 @@ def test_model_kv_cache_matches_recompute(kind):
     # past block_size (64): the cache is refilled with the last half block, and generation goes on
     long = m.generate(prompt, 100, temperature=0)
     assert long.shape == (2, 107) and torch.equal(long[:, :37], out)
+    one = GPT(dataclasses.replace(m.cfg, block_size=1))  # even a block of one token
+    assert one.generate(prompt, 5).shape == (2, 12)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -862,6 +865,12 @@ def test_model_sampling_filters():
         pk = F.softmax(logits[0][order[:k]], -1)  # top-p over the renormalised top k
         m = int((pk.cumsum(0) - pk < p).sum())
         assert set(torch.nonzero(both).flatten().tolist()) == set(order[:m].tolist())
+    # edges: top_p=0 and tiny temperatures are greedy, top_k=0 is off, a negative temperature is an error
+    logits = torch.randn(8, 50, generator=rng) * 5
+    for kw in [dict(temperature=1.0, top_p=0.0), dict(temperature=1e-40), dict(temperature=1e-40, top_k=0)]:
+        assert torch.equal(model.sample(logits, **kw), logits.argmax(-1))
+    with pytest.raises(ValueError, match="temperature"):
+        model.sample(logits, -1.0)
     # a fixed seed gives the same samples; temperature 0 is greedy
     logits = torch.randn(8, 50, generator=rng)
     a = model.sample(logits, 1.0, 10, 0.9, torch.Generator().manual_seed(3))
@@ -886,7 +895,7 @@ def test_model_bad_checkpoints(tmp_path):
     header = json.loads(good[8:8 + n])
     bad_files = [
         (good[:len(good) - 100], "truncated"),
-        ((10 ** 12).to_bytes(8, "little") + good[8:], "more than the file"),
+        ((10 ** 12).to_bytes(8, "little") + good[8:], "too few for its header"),
         (good[:8] + b"{" * n + good[8 + n:], "not a valid safetensors"),
     ]
     for data, msg in bad_files:
@@ -911,7 +920,30 @@ def test_model_bad_checkpoints(tmp_path):
         GPT.from_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match="unknown pretrained model 'gpt3'"):
         GPT.from_pretrained("gpt3")
-    assert header  # the header parsed
+    for hf_cfg in [dict(model_type="gpt2", scale_attn_weights=False), dict(model_type="gpt2", scale_attn_by_inverse_layer_idx=True)]:
+        with pytest.raises(ValueError, match="model.py does not have"):
+            model.config_from_hf(dict(vocab_size=10, n_positions=8, n_layer=1, n_head=1, n_embd=8, **hf_cfg))
+    # hand-made files: the offsets must tile the data exactly
+    def safetensors(header, data):
+        head = json.dumps(header).encode()
+        return len(head).to_bytes(8, "little") + head + data
+    f32 = lambda begin, end, n: {"dtype": "F32", "shape": [n], "data_offsets": [begin, end]}  # noqa: E731
+    ok = safetensors({"a": f32(0, 8, 2), "empty": f32(8, 8, 0), "__metadata__": {"format": "pt"}}, bytes(8))
+    path.write_bytes(ok)
+    loaded = model.load_safetensors(path)
+    assert loaded["a"].tolist() == [0.0, 0.0] and loaded["empty"].shape == (0,)
+    for header, data, msg in [({"a": f32(0, 8, 2), "b": f32(4, 8, 1)}, bytes(8), "offsets"),
+                              ({"a": f32(-8, 0, 2)}, bytes(8), "offsets"), ({"a": f32(0, 8, 2)}, bytes(12), "after the last"),
+                              ({"a": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]}}, bytes(8), "not a float"),
+                              ({"a": {"dtype": "F32", "shape": [-1, -4], "data_offsets": [0, 8]}}, bytes(8), "shape")]:
+        path.write_bytes(safetensors(header, data))
+        with pytest.raises(ValueError, match=msg):
+            model.load_safetensors(path)
+    for raw in [b"", b"1234", (2).to_bytes(8, "little") + b"5 "]:
+        path.write_bytes(raw)
+        with pytest.raises(ValueError, match="not a valid safetensors"):
+            model.load_safetensors(path)
+    assert header  # the real header parsed
 
 
 def test_model_runs_without_triton():
@@ -1050,6 +1082,13 @@ def test_flash_in_the_model():
 def test_flash_bad_input():
     import flash
     q = torch.randn(1, 8, 4, 32)
+    with pytest.raises(ValueError, match="batch"):
+        flash.flash_attn(torch.randn(2, 8, 4, 32), q, q)
+    assert torch.equal(flash.flash_attn(q, q[:, :0], q[:, :0]), torch.zeros_like(q))  # no keys at all
+    # softmax_scale=0 is a scale, not "the default": every key weighs the same
+    v = torch.randn(1, 8, 4, 32)
+    assert torch.allclose(flash.flash_attn(q, q, v, causal=False, softmax_scale=0.0), v.mean(1, keepdim=True).expand_as(v),
+                          atol=1e-5)
     with pytest.raises(ValueError, match="heads"):
         flash.flash_attn(q, torch.randn(1, 8, 3, 32), torch.randn(1, 8, 3, 32))
     with pytest.raises(ValueError, match="head size 8"):
