@@ -288,8 +288,49 @@ def bench_attention():
           f"SDPA flash {ms['SDPA flash']:.2f} ms")
 
 
+# -----------------------------------------------------------------------------
+# sample: generation with the KV cache against recomputing the whole context every step
+
+
+def bench_sample(new_tokens=512):
+    import model
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shapes = [("quickstart-sized: 4 layers, 256 wide, block 256", dict(vocab_size=4096, block_size=256, n_layer=4,
+                                                                        n_head=4, n_embd=256))]
+    if device == "cuda":
+        shapes.append(("GPT-2 124M, block 1024", dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12,
+                                                       n_embd=768)))
+    header(f"Sampling {new_tokens} new tokens, batch 1, {device}", {"torch": torch.__version__})
+    print("| model | KV cache | no cache (nanoGPT-style) | speedup |")
+    print("|---|---:|---:|---:|")
+    for name, kw in shapes:
+        torch.manual_seed(0)
+        m = model.GPT(model.GPTConfig(**kw)).to(device).eval()
+        if device == "cuda":
+            m = m.to(torch.bfloat16)
+        idx = torch.zeros(1, 1, dtype=torch.long, device=device)
+
+        def no_cache():  # the whole (cropped) context again at every step
+            seq = idx
+            with torch.no_grad():
+                for _ in range(new_tokens):
+                    logits, _ = m(seq[:, -kw["block_size"]:])
+                    seq = torch.cat([seq, model.sample(logits[:, -1].float(), 1.0)[:, None]], dim=1)
+            return seq
+
+        def sync(fn):
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        t_cache = best_of(lambda: sync(lambda: m.generate(idx, new_tokens)), repeat=2)
+        t_plain = best_of(lambda: sync(no_cache), repeat=2)
+        print(f"| {name} | {new_tokens / t_cache:.0f} tok/s | {new_tokens / t_plain:.0f} tok/s | "
+              f"**{t_plain / t_cache:.1f}x** |")
+
+
 SECTIONS = {"tokenizer": bench_tokenizer, "prepare": bench_prepare, "model": bench_model,
-            "attention": bench_attention}
+            "attention": bench_attention, "sample": bench_sample}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(SECTIONS)

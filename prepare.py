@@ -70,21 +70,23 @@ DATASETS = {
 SIMPLE = (bool, int, float, str, tuple, list, type(None))  # the types a setting can have
 
 
-def configure(settings, argv=None, others_in_file=False):
+def setting_names(namespace):
+    """A script's settings: its lowercase globals of simple types (their values are the defaults)."""
+    return {k: v for k, v in namespace.items() if k.islower() and not k.startswith("_") and isinstance(v, SIMPLE)}
+
+
+def configure(settings, argv=None, others=()):
     """Applies a config file and --key=value overrides to a script's settings, in place.
 
-    `settings` is the script's globals(): its settings are the lowercase globals of
-    simple types defined so far, and their values are the defaults. A first argument
-    that is not --key=value names a config file, which is run as Python. Command-line
-    values parse as Python literals (strings stay as typed where the default is a str).
-    A value must have its default's type (an int passes for a float; a None default
-    takes anything). An unknown key or a wrong type exits with a message naming it.
-    others_in_file: let the config file set keys this script does not have (prepare.py
-    reads train.py's config files for their dataset and tokenizer).
+    `settings` is the script's globals(). A first argument that is not --key=value names
+    a config file, which is run as Python. Command-line values parse as Python literals
+    (strings stay as typed where the default is a str). A value must have its default's
+    type (an int passes for a float; a None default takes anything). An unknown key or a
+    wrong type exits with a message naming it. One config file serves several scripts:
+    `others` are keys it may set for another script (True: any key), which are skipped.
     Returns the resolved settings as a dict."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    is_setting = lambda k, v: k.islower() and not k.startswith("_") and isinstance(v, SIMPLE)  # noqa: E731
-    keys = {k: v for k, v in settings.items() if is_setting(k, v)}
+    keys = setting_names(settings)
     updates = []  # (key, value, where it came from)
     if argv and not argv[0].startswith("--"):
         path, argv = argv[0], argv[1:]
@@ -96,7 +98,8 @@ def configure(settings, argv=None, others_in_file=False):
         except Exception as e:
             raise SystemExit(f"error: config file {path} failed: {type(e).__name__}: {e}") from None
         # its imports, functions and UPPERCASE helpers are not settings
-        updates += [(k, v, path) for k, v in scope.items() if is_setting(k, v) and (k in keys or not others_in_file)]
+        updates += [(k, v, path) for k, v in setting_names(scope).items()
+                    if k in keys or not (others is True or k in others)]
     for arg in argv:
         key, eq, text = arg[2:].partition("=")
         if not arg.startswith("--") or not eq:
@@ -313,8 +316,8 @@ def documents(split):
 
 
 def load_tokenizer(spec, directory):
-    """A tiktoken.Encoding for a meta.json "tokenizer" entry: "gpt2", or the file name
-    of a trained BPE in `directory`."""
+    """A tiktoken.Encoding for a meta.json "tokenizer" entry: "gpt2", or the file name of
+    a trained BPE (tokenizer.bpe) or of a pretrained model's tokenizer.json in `directory`."""
     if spec == "gpt2":
         import tiktoken
         try:
@@ -323,6 +326,8 @@ def load_tokenizer(spec, directory):
             raise DownloadError(f"tiktoken's gpt2 files are not in its cache and could not be downloaded "
                                 f"({type(e).__name__}; offline?). The default dataset needs no network: "
                                 "python prepare.py") from None
+    if spec.endswith(".json"):  # a Hugging Face tokenizer.json
+        return bpe.Tokenizer.from_hf_json(os.path.join(directory, spec)).to_tiktoken()
     return bpe.Tokenizer.load(os.path.join(directory, spec)).to_tiktoken()
 
 
@@ -373,8 +378,10 @@ def prepare():
     out, info = os.path.join(data_dir, dataset), DATASETS[dataset]
     spec = tokenizer or info["tokenizer"]
     # check every setting before anything on disk changes
-    if not (spec == "gpt2" or (spec.startswith("bpe:") and spec[4:].isdigit() and int(spec[4:]) > 256)):
-        raise SystemExit(f"error: tokenizer={spec!r}: use gpt2, or bpe:N to train an N-token BPE (N > 256)")
+    if not (spec == "gpt2" or (spec.startswith("bpe:") and spec[4:].isdigit() and int(spec[4:]) > 256)
+            or "/" in spec or os.path.isdir(spec)):
+        raise SystemExit(f"error: tokenizer={spec!r}: use gpt2, bpe:N to train an N-token BPE (N > 256), or a "
+                         "pretrained model's name or directory (HuggingFaceTB/SmolLM2-135M) for its tokenizer.json")
     if "shards" in info and spec != "gpt2":
         raise SystemExit(f"error: {dataset} is pre-tokenized with GPT-2's tokenizer; it cannot use {spec!r}")
     for key, value, least in [("shard_size", shard_size, 1), ("num_shards", num_shards, 1),
@@ -414,6 +421,11 @@ def tokenize_dataset(out, spec):
         print(f"training a {spec[4:]}-token BPE on the train split")
         bpe.train(limited(documents("train")), int(spec[4:])).save(os.path.join(out, "tokenizer.bpe"))
         name = "tokenizer.bpe"
+    elif spec != "gpt2":  # a pretrained model's own tokenizer, for fine-tuning it
+        import shutil
+        import model
+        name = "tokenizer.json"
+        shutil.copy(os.path.join(model.pretrained_dir(spec, [name]), name), os.path.join(out, name))
     enc = _encoders[(name, out)] = load_tokenizer(name, out)  # forked workers inherit it
     eot, dtype = enc.eot_token, token_dtype(enc.n_vocab)
     meta = {"dataset": dataset, "tokenizer": name, "vocab_size": enc.n_vocab, "eot_id": eot}
@@ -447,7 +459,7 @@ def fetch_shards(url, out, spec):
 
 
 if __name__ == "__main__":
-    settings = configure(globals(), others_in_file=True)
+    settings = configure(globals(), others=True)  # a config file holds train.py's settings too
     print("settings:", settings)
     try:
         prepare()

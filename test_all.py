@@ -14,6 +14,7 @@ import os
 import pathlib
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -1103,3 +1104,155 @@ def test_flash_bad_input():
 def test_flash_cuda_large(dtype, causal):
     for B, T, H, Hkv, D, window in [(2, 1024, 8, 2, 64, None), (1, 2048, 4, 4, 128, None), (1, 1000, 6, 3, 96, 256)]:
         check_flash(B, T, T, H, Hkv, D, causal, window, dtype, device="cuda")
+
+# -----------------------------------------------------------------------------
+# train.py
+
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--micro_batch=4", "--total_batch_size=256",
+        "--eval_tokens=1024", "--learning_rate=1e-2", "--min_lr=1e-3", "--warmup_steps=5"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """A small slice of the default dataset: 40 files per split, a 300-token BPE, and train
+    shards of 20k tokens so that training crosses from shard to shard."""
+    d = tmp_path_factory.mktemp("data")
+    run = subprocess.run([sys.executable, "prepare.py", f"--data_dir={d}", "--max_docs=40", "--tokenizer=bpe:300",
+                          "--shard_size=20000"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert len(list((d / "stdlib").glob("train_*.bin"))) > 2
+    return d
+
+
+def train(data, out, *args, torchrun=0):
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
+           if torchrun else [sys.executable]) + ["train.py", f"--data_dir={data}", f"--out_dir={out}", *TINY, *args]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    logs = [json.loads(line) for line in open(out / "log.jsonl")] if (out / "log.jsonl").exists() else []
+    return run, logs
+
+
+def test_train_lowers_val_loss(tiny_data, tmp_path):
+    run, logs = train(tiny_data, tmp_path, "--max_steps=60", "--eval_interval=30", "--log_interval=10")
+    assert run.returncode == 0, run.stderr
+    val = [r for r in logs if "val_loss" in r]
+    assert [r["step"] for r in val] == [0, 30, 60] and val[-1]["val_loss"] < val[0]["val_loss"] - 1.0
+    assert 0 < val[-1]["val_bpb"] < val[0]["val_bpb"]
+    steps = [r for r in logs if "loss" in r]
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(steps[0]) and steps[-1]["step"] == 60
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 60 and ckpt["settings"]["max_steps"] == 60 and ckpt["tokenizer"]["name"] == "tokenizer.bpe"
+    assert not any(k.startswith(("_orig_mod", "module.")) for k in ckpt["model"])
+
+
+def test_train_resume_is_exact(tiny_data, tmp_path):
+    # a constant learning rate (WSD without decay), so the schedule does not depend on max_steps
+    args = ["--schedule=wsd", "--decay_frac=0.0", "--warmup_steps=0", "--log_interval=1", "--eval_interval=1000"]
+    run, whole = train(tiny_data, tmp_path / "a", "--max_steps=24", *args)
+    assert run.returncode == 0, run.stderr
+    run, first = train(tiny_data, tmp_path / "b", "--max_steps=12", *args)
+    assert run.returncode == 0, run.stderr
+    run, both = train(tiny_data, tmp_path / "b", "--max_steps=24", "--init_from=resume", *args)
+    assert run.returncode == 0, run.stderr
+    loss = lambda logs: {r["step"]: r["loss"] for r in logs if "loss" in r}  # noqa: E731
+    assert loss(whole) == loss(both) and len(loss(both)) == 24  # exactly, step by step
+
+
+def test_train_ddp_matches_one_process(tiny_data, tmp_path):
+    # the same 256-token steps: 1 process accumulating 2 micro-batches, or 2 processes with 1 each
+    args = ["--max_steps=6", "--log_interval=1", "--eval_interval=3", "--device=cpu"]
+    run, one = train(tiny_data, tmp_path / "one", *args)
+    assert run.returncode == 0, run.stderr
+    run, two = train(tiny_data, tmp_path / "two", *args, torchrun=2)
+    assert run.returncode == 0, run.stderr + run.stdout
+    for a, b in zip(one, two):
+        assert a["step"] == b["step"]
+        for key in ("loss", "val_loss"):
+            if key in a:
+                assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (key, a, b)
+    assert len(one) == len(two) > 6
+
+
+def test_train_sigterm_writes_a_checkpoint(tiny_data, tmp_path):
+    cmd = [sys.executable, "train.py", f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", *TINY, "--max_steps=100000",
+           "--log_interval=1", "--eval_interval=100000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 3/"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "stopped by signal" in out, err
+    step = torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"]
+    assert 3 <= step < 100000
+    run, logs = train(tiny_data, tmp_path, f"--max_steps={step + 2}", "--init_from=resume", "--log_interval=1",
+                      "--eval_interval=100000")
+    assert run.returncode == 0, run.stderr
+    assert [r["step"] for r in logs if "loss" in r][-2:] == [step + 1, step + 2]
+
+
+def test_train_errors(tiny_data, tmp_path):
+    for args, msg in [([f"--data_dir={tmp_path}/nowhere"], "python prepare.py --dataset=stdlib"),
+                      (["--total_batch_size=100"], "multiple of micro_batch"),
+                      (["--n_layers=3"], "did you mean n_layer"),
+                      (["--init_from=resume", f"--out_dir={tmp_path}/none"], "does not exist")]:
+        run = subprocess.run([sys.executable, "train.py", f"--data_dir={tiny_data}", *TINY, *args], cwd=ROOT,
+                             capture_output=True, text=True)
+        assert run.returncode != 0 and msg in run.stderr and "Traceback" not in run.stderr, run.stderr
+    # a config file may hold prepare.py's settings too, but not unknown ones
+    config = tmp_path / "c.py"
+    config.write_text("import math\nnum_shards = 3\nshard_size = 1000\nn_layer = 2\nmax_steps = 1\n")
+    run = subprocess.run([sys.executable, "train.py", str(config), f"--data_dir={tiny_data}", f"--out_dir={tmp_path}/c",
+                          *TINY[1:]], cwd=ROOT, capture_output=True, text=True)
+    config.write_text("n_layr = 2\n")
+    bad = subprocess.run([sys.executable, "train.py", str(config)], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0 and "n_layr" in bad.stderr and bad.returncode != 0, run.stderr
+    # a corrupt shard: a clear error that names it
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_data / "stdlib", broken / "stdlib")
+    shard = broken / "stdlib" / "train_000001.bin"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    run, _ = train(broken, tmp_path / "d", "--max_steps=200")
+    assert run.returncode != 0 and "train_000001.bin" in run.stderr and "Traceback" not in run.stderr
+    # learning that diverges: updates are skipped, then training stops with a message
+    run, _ = train(tiny_data, tmp_path / "e", "--max_steps=50", "--learning_rate=1e30", "--warmup_steps=0",
+                   "--grad_clip=1e30")
+    assert run.returncode != 0 and "non-finite" in run.stderr + run.stdout
+
+# -----------------------------------------------------------------------------
+# sample.py
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    run, _ = train(tiny_data, out, "--max_steps=30", "--eval_interval=100")
+    assert run.returncode == 0, run.stderr
+    return out
+
+
+def sample(out, *args):
+    return subprocess.run([sys.executable, "sample.py", f"--out_dir={out}", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_sample_end_to_end(tiny_checkpoint, tmp_path):
+    run = sample(tiny_checkpoint, "--start=def main(", "--max_new_tokens=30", "--num_samples=3")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("def main(") == 3 and "sample 3" in run.stdout and "tokens/s" in run.stderr
+    again = sample(tiny_checkpoint, "--start=def main(", "--max_new_tokens=30", "--num_samples=3")
+    assert again.stdout == run.stdout  # a fixed seed gives the same text
+    other = sample(tiny_checkpoint, "--start=def main(", "--max_new_tokens=30", "--num_samples=3", "--seed=7")
+    assert other.stdout != run.stdout
+    # an empty prompt starts from end-of-text; special-token text in a prompt is that token
+    assert sample(tiny_checkpoint, "--max_new_tokens=5").returncode == 0
+    assert sample(tiny_checkpoint, "--start=<|endoftext|>x", "--max_new_tokens=5").returncode == 0
+    # a prompt longer than block_size (32) keeps its tail, and says so
+    (tmp_path / "p.txt").write_text("x = 1\n" * 100)
+    run = sample(tiny_checkpoint, f"--start=FILE:{tmp_path / 'p.txt'}", "--max_new_tokens=5", "--temperature=0")
+    assert run.returncode == 0 and "only its last 32" in run.stderr
+    run = sample(tmp_path / "nothing")
+    assert run.returncode != 0 and "python train.py" in run.stderr and "Traceback" not in run.stderr

@@ -1,0 +1,22 @@
+# GPT-2 small (124M) on FineWeb 10B, the llm.c / nanoGPT recipe: 8 GPUs, 2^19 (~0.5M) tokens a step.
+#   python prepare.py config/gpt2_small.py        # downloads 103 shards of llm.c's GPT-2 tokens (~20 GB)
+#   torchrun --standalone --nproc_per_node=8 train.py config/gpt2_small.py
+dataset = "fineweb10B"
+tokenizer = "gpt2"
+num_shards = 103  # prepare.py: all of FineWeb 10B
+out_dir = "out/gpt2_small"
+n_layer = 12
+n_head = 12
+n_embd = 768
+block_size = 1024
+total_batch_size = 524288
+micro_batch = 64  # 64 x 1024 tokens per GPU per micro-step: 8 GPUs fill a step without accumulation
+learning_rate = 6e-4
+min_lr = 0.0
+warmup_steps = 700
+max_steps = 18865  # ~9.9B tokens, one pass over the data, as llm.c
+weight_decay = 0.1
+eval_interval = 250
+eval_tokens = 10_485_760  # 20 micro-steps of the 8 GPUs
+log_interval = 10
+ckpt_interval = 2000

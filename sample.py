@@ -1,0 +1,109 @@
+"""
+sample.py: generates text from a trained checkpoint or a pretrained model, streaming it.
+
+    python sample.py                                     # from out/quickstart/ckpt.pt
+    python sample.py --out_dir=out/tinystories --start="Once upon a time" --top_p=0.9
+    python sample.py --init_from=gpt2 --start=FILE:prompt.txt --num_samples=3 --temperature=0
+
+All samples are generated in one batch through model.py's KV cache; the first streams
+to stdout as it is generated, the others follow. Each stops at the end-of-text token.
+Special-token text in the prompt (such as <|endoftext|>) becomes that special token.
+Read next: bench.py, which measures all of the above.
+"""
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+import bpe
+import prepare
+from model import GPT, GPTConfig, pretrained_tokenizer
+
+# -----------------------------------------------------------------------------
+# settings: these defaults, then a config file, then --key=value (prepare.configure)
+out_dir = "out/quickstart"
+init_from = "resume"  # "resume": out_dir/ckpt.pt; or a pretrained name or directory (gpt2, HuggingFaceTB/SmolLM2-135M)
+start = ""  # the prompt; FILE:path reads it from a file; "" starts a new document
+num_samples = 2
+max_new_tokens = 200
+temperature = 0.8  # 0 is greedy
+top_k = 0  # 0: off
+top_p = 1.0  # 1.0: off
+stop_at_eot = True
+seed = 1337
+device = ""  # "" picks cuda, then mps, then cpu
+dtype = ""  # "" picks bf16 on CUDA, fp32 elsewhere
+
+# -----------------------------------------------------------------------------
+
+
+def load():
+    """The model and its tokenizer (a tiktoken.Encoding): from a checkpoint, or pretrained."""
+    if init_from != "resume":
+        tok = pretrained_tokenizer(init_from)
+        return GPT.from_pretrained(init_from), tok.to_tiktoken() if isinstance(tok, bpe.Tokenizer) else tok
+    path = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: no checkpoint at {path}. Train one first, e.g.\n    python train.py "
+                         f"--out_dir={out_dir}\nor sample a pretrained model: python sample.py --init_from=gpt2")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    spec = ckpt["tokenizer"]
+    with tempfile.TemporaryDirectory() as tmp:  # a trained tokenizer travels inside the checkpoint
+        for name, text in spec.get("files", {}).items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(text)
+        return model, prepare.load_tokenizer(spec["name"], tmp)
+
+
+def main():
+    prepare.configure(globals())
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else
+                                  "mps" if torch.backends.mps.is_available() else "cpu"))
+    model, enc = load()
+    amp = {"": torch.bfloat16 if dev.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
+           "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    model.to(dev, amp).eval()
+    eot = enc._special_tokens.get(bpe.EOT)
+    prompt = start
+    if prompt.startswith("FILE:"):
+        with open(prompt[5:], encoding="utf-8") as f:
+            prompt = f.read()
+    ids = enc.encode(prompt, allowed_special="all") if prompt else [eot] if eot is not None else []
+    if not ids:
+        raise SystemExit("error: the prompt is empty, and this tokenizer has no end-of-text token to start from")
+    window = model.cfg.block_size
+    if len(ids) > window:
+        print(f"(the prompt has {len(ids)} tokens; only its last {window}, the block size, are kept)", file=sys.stderr)
+        ids = ids[-window:]
+    idx = torch.tensor([ids] * num_samples, device=dev)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    stop = eot if stop_at_eot else None
+
+    out, stream, t0 = [], bpe.StreamDecoder(enc), time.time()
+    print("-" * 20, "sample 1", "-" * 20)
+    print(prompt, end="", flush=True)
+    for token in model.generate_tokens(idx, max_new_tokens, temperature, top_k or None, top_p, stop, gen):
+        out.append(token.tolist())
+        if out[-1][0] != eot:
+            print(stream.push([out[-1][0]]), end="", flush=True)
+    print(stream.flush())
+    elapsed = time.time() - t0
+    for i in range(1, num_samples):
+        tokens = [step[i] for step in out]
+        tokens = tokens[:tokens.index(eot)] if eot in tokens else tokens
+        print("-" * 20, f"sample {i + 1}", "-" * 20)
+        print(prompt + enc.decode_bytes(tokens).decode("utf-8", errors="replace"))
+    n = len(out) * num_samples
+    print(f"{n} tokens in {elapsed:.2f}s: {n / elapsed:.1f} tokens/s ({num_samples} samples in one batch, {dev})",
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, prepare.DownloadError) as e:
+        raise SystemExit(f"sample.py: error: {e}") from None
