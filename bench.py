@@ -11,6 +11,7 @@ Read the code it measures first: bpe.py, prepare.py, model.py.
 import contextlib
 import datetime
 import io
+import json
 import os
 import pathlib
 import platform
@@ -195,8 +196,8 @@ class Baseline(torch.nn.Module):
 def bench_model():
     import model
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    shapes = [("quickstart-sized: 4 layers, 256 wide, vocab 4096", dict(vocab_size=4096, block_size=256, n_layer=4,
-                                                                         n_head=4, n_embd=256), 8),
+    shapes = [("quickstart shapes, GPT-2 blocks: 4 layers, 192 wide, vocab 4096", dict(
+                  vocab_size=4096, block_size=512, n_layer=4, n_head=4, n_embd=192), 16),
               ("GPT-2 124M: 12 layers, 768 wide, vocab 50257", dict(vocab_size=50257, block_size=1024, n_layer=12,
                                                                    n_head=12, n_embd=768), 1 if device == "cpu" else 8)]
     header(f"Model training step (forward + backward), {device}, fp32", {"torch": torch.__version__})
@@ -289,14 +290,65 @@ def bench_attention():
 
 
 # -----------------------------------------------------------------------------
+# train: whole training steps of train.py (data, accumulation, optimizer, logging)
+# against a plain eager PyTorch loop over the same model
+
+
+def bench_train(config=None, steps=30):
+    import subprocess
+    import model
+    import train
+    args = [config] if config else []  # the quickstart by default
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "train.py", *args, f"--max_steps={steps}", "--eval_interval=100000",
+               "--log_interval=10", f"--out_dir={tmp}", "--warmup_steps=1"]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode:
+            print(f"\n### Training\n\ntrain.py failed (is the data prepared?): {run.stderr.strip()[-300:]}")
+            return
+        logs = [json.loads(line) for line in open(os.path.join(tmp, "log.jsonl")) if '"loss"' in line]
+        ours = [r for r in logs if r["step"] > 10]  # after the first steps (warm-up, compilation)
+        tps = sum(r["tokens_per_s"] for r in ours) / len(ours)
+        mfu = ours[-1]["mfu"]
+    # the baseline: the same model and batch, a bare loop (no accumulation bookkeeping, no logging)
+    train.prepare.configure(vars(train), args)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = model.GPTConfig(vocab_size=4096 if not config else 50257, block_size=train.block_size, n_layer=train.n_layer,
+                          n_head=train.n_head, n_kv_head=train.n_kv_head, n_embd=train.n_embd, norm=train.norm,
+                          mlp=train.mlp, pos=train.pos, bias=train.bias, attn="sdpa")
+    m = model.GPT(cfg).to(device)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+    idx = torch.randint(0, cfg.vocab_size, (train.micro_batch, train.block_size), device=device)
+    accum = train.total_batch_size // (train.micro_batch * train.block_size)
+
+    def step():
+        for _ in range(accum):
+            m(idx, idx)[1].backward()
+        opt.step()
+        opt.zero_grad()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    step()
+    t0 = time.perf_counter()
+    for _ in range(10):  # a mean, as train.py's log reports
+        step()
+    base_tps = train.total_batch_size * 10 / (time.perf_counter() - t0)
+    header(f"Training steps: {config or 'the quickstart'}, {device}", {"torch": torch.__version__})
+    print("| loop | tokens/s | MFU | vs plain loop |")
+    print("|---|---:|---:|---:|")
+    print(f"| plain eager PyTorch loop, same model (reference) | {base_tps:,.0f} | | 1.00x |")
+    print(f"| train.py (steps 11-{steps}) | {tps:,.0f} | {f'{mfu:.1%}' if mfu else 'n/a'} | **{tps / base_tps:.2f}x** |")
+
+
+# -----------------------------------------------------------------------------
 # sample: generation with the KV cache against recomputing the whole context every step
 
 
 def bench_sample(new_tokens=512):
     import model
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    shapes = [("quickstart-sized: 4 layers, 256 wide, block 256", dict(vocab_size=4096, block_size=256, n_layer=4,
-                                                                        n_head=4, n_embd=256))]
+    shapes = [("the quickstart's: 4 layers, 192 wide, RoPE, block 512", dict(
+        vocab_size=4096, block_size=512, n_layer=4, n_head=4, n_embd=192, pos="rope"))]
     if device == "cuda":
         shapes.append(("GPT-2 124M, block 1024", dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12,
                                                        n_embd=768)))
@@ -329,8 +381,8 @@ def bench_sample(new_tokens=512):
               f"**{t_plain / t_cache:.1f}x** |")
 
 
-SECTIONS = {"tokenizer": bench_tokenizer, "prepare": bench_prepare, "model": bench_model,
-            "attention": bench_attention, "sample": bench_sample}
+SECTIONS = {"tokenizer": bench_tokenizer, "prepare": bench_prepare, "train": bench_train, "model": bench_model,
+            "attention": bench_attention, "sample": bench_sample}  # train first: its subprocess wants idle cores
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(SECTIONS)
