@@ -80,11 +80,12 @@ def _spans(buf, cut, specials):
 def _cut(buf, specials, boundaries, pattern):
     """The last place where buf can be cut without changing the words on either side,
     whatever text follows; 0 if there is none. That is after the last special token
-    of `boundaries` (those that split the text), or, with GPT-2's pattern, between a
+    of `boundaries` (those that split the text), or, with GPT-2's patterns, between a
     letter or digit and a whitespace character (no GPT-2 word spans that); and never
     where one of `specials` crosses. Other patterns are cut at special tokens only."""
     ends = [m.end() for m in _special_regex(boundaries).finditer(buf)] if boundaries else []
-    if pattern == GPT2_PATTERN and (m := regex.search(r"(?r)[\p{L}\p{N}](?=\s)", buf)):  # (?r): from the right
+    # (?r): search from the right
+    if pattern in (GPT2_PATTERN, GPT2_DIGITS_PATTERN) and (m := regex.search(r"(?r)[\p{L}\p{N}](?=\s)", buf)):
         ends.append(m.end())
     return next((cut for cut in sorted(ends, reverse=True) if not _spans(buf, cut, specials)), 0)
 

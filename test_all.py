@@ -971,8 +971,12 @@ def test_bpe_from_hf_tokenizer_json(tmp_path):
         tok.save(str(tmp_path / "tokenizer.json"))
         ours = bpe.Tokenizer.from_hf_json(tmp_path / "tokenizer.json")
         assert ours.special_tokens == {"<|endoftext|>": 0, "<|im_start|>": 1} and ours.n_vocab == 1200
-        for text in varied_texts(13) + ["a  1", "x  12 3", "  1", "1  ", "a'1", "\n\n1\n\n", "a<|endoftext|>1 <|im_start|>"]:
+        texts = varied_texts(13) + ["a  1", "x  12 3", "  1", "1  ", "a'1", "\n\n1\n\n", "a<|endoftext|>1 <|im_start|>"]
+        for text in texts:
             assert ours.encode(text, allowed_special="all") == tok.encode(text, add_special_tokens=False).ids, text
+        text = "".join(texts)  # streamed in small pieces, the same ids
+        parts = split_text(text, random.Random(14))
+        assert list(ours.encode_iterable(parts, allowed_special="all")) == ours.encode(text, allowed_special="all")
     (tmp_path / "tokenizer.json").write_text('{"model": {"type": "Unigram"}}')
     with pytest.raises(ValueError, match="tokenizer.json that bpe.py can load"):
         bpe.Tokenizer.from_hf_json(tmp_path / "tokenizer.json")
