@@ -51,7 +51,7 @@ def _configs(forward):
 
 def _prune(configs, named_args, **kwargs):
     # a block far taller than the longest sequence only computes padding (decoding: 1 query)
-    rows = max(16, triton.next_power_of_2(named_args["max_rows"]))
+    rows = max(16, named_args["max_rows"])
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= rows and c.kwargs["BLOCK_N"] <= max(rows, 64)]
     smallest = min(c.kwargs["BLOCK_M"] for c in configs)
     return kept or [c for c in configs if c.kwargs["BLOCK_M"] == smallest]
@@ -254,6 +254,12 @@ def _meta(q, k, causal, window):
                 PRECISION="ieee" if q.dtype == torch.float32 else None)  # fp32 tests want exact products
 
 
+def _rows_key(max_q):
+    # max_rows is an autotune key: rounded up to a power of two, so that prompts of many
+    # lengths (sampling) share a few tunings instead of tuning again for every length
+    return triton.next_power_of_2(max_q)
+
+
 class _FlashAttention(torch.autograd.Function):
     """q: (total_q, H, D), k, v: (total_k, Hkv, D); sequence b is rows cu_q[b]:cu_q[b+1] of
     q and cu_k[b]:cu_k[b+1] of k and v. Returns o (like q) and lse (H, total_q), fp32."""
@@ -267,7 +273,7 @@ class _FlashAttention(torch.autograd.Function):
         grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_seqs * H)  # noqa: E731
         _forward[grid](q, k, v, o, lse, cu_q, cu_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                        v.stride(0), v.stride(1), o.stride(0), o.stride(1), H, H // k.shape[1], total_q, scale,
-                       window or 0, max_q, **_meta(q, k, causal, window))
+                       window or 0, _rows_key(max_q), **_meta(q, k, causal, window))
         ctx.save_for_backward(q, k, v, o, lse, cu_q, cu_k)
         ctx.args = (max_q, max_k, causal, scale, window)
         ctx.mark_non_differentiable(lse)
@@ -287,11 +293,11 @@ class _FlashAttention(torch.autograd.Function):
         _backward_dkdv[grid](q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, q.stride(0), q.stride(1),
                              k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
                              dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), Hkv, H // Hkv, total_q,
-                             scale, window or 0, max_q, **meta)
+                             scale, window or 0, _rows_key(max_q), **meta)
         grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_seqs * H)  # noqa: E731
         _backward_dq[grid](q, k, v, do, lse, delta, dq, cu_q, cu_k, q.stride(0), q.stride(1), k.stride(0),
                            k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1), dq.stride(0),
-                           dq.stride(1), H, H // Hkv, total_q, scale, window or 0, max_q, **meta)
+                           dq.stride(1), H, H // Hkv, total_q, scale, window or 0, _rows_key(max_q), **meta)
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
