@@ -9,6 +9,7 @@ and prints the ratio. Numbers go into README.md with the date, device and versio
 Read the code it measures first: bpe.py, prepare.py, model.py.
 """
 import contextlib
+import dataclasses
 import datetime
 import io
 import json
@@ -27,14 +28,18 @@ import bpe
 import prepare
 
 
-def best_of(fn, repeat=3):
-    """The fastest of `repeat` runs, in seconds: the least disturbed by other work."""
-    times = []
+def best_of(*fns, repeat=3):
+    """The fastest of `repeat` runs of each function, in seconds: the least disturbed by
+    other work. The runs of several functions alternate, so that a slow spell of the
+    machine (a shared VM has them) falls on all of them alike."""
+    times = [[] for _ in fns]
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    best = [min(ts) for ts in times]
+    return best if len(fns) > 1 else best[0]
 
 
 def cpu_name():
@@ -156,7 +161,7 @@ def bench_prepare():
                 ids += enc.encode_ordinary(doc)
             np.array(ids, dtype=dtype).tofile(os.path.join(tmp, "ref.bin"))
 
-        t_ref, t_ours = best_of(reference), best_of(ours)
+        t_ref, t_ours = best_of(reference, ours)
     header(f"Tokenizing into shards: {mb:.1f} MB of stdlib source, tokenizer {spec}",
            {"tiktoken": tiktoken.__version__, "numpy": np.__version__})
     print("| pipeline | MB/s | speedup |")
@@ -193,21 +198,28 @@ class Baseline(torch.nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
+def quickstart(**overrides):
+    """GPTConfig of the quickstart model (train.py's defaults), and its name for a table."""
+    import train
+    cfg = dataclasses.replace(train.model_config(4096), **overrides)
+    return cfg, f"{cfg.n_layer} layers, {cfg.n_embd} wide, {cfg.pos} positions, vocab {cfg.vocab_size}"
+
+
 def bench_model():
     import model
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    shapes = [("quickstart shapes, GPT-2 blocks: 4 layers, 192 wide, vocab 4096", dict(
-                  vocab_size=4096, block_size=512, n_layer=4, n_head=4, n_embd=192), 16),
-              ("GPT-2 124M: 12 layers, 768 wide, vocab 50257", dict(vocab_size=50257, block_size=1024, n_layer=12,
-                                                                   n_head=12, n_embd=768), 1 if device == "cpu" else 8)]
+    cfg, name = quickstart(pos="learned")  # GPT-2 blocks, as the baseline's
+    shapes = [(f"quickstart shapes, GPT-2 blocks: {name}", cfg, 16 * 512 // cfg.block_size),
+              ("GPT-2 124M: 12 layers, 768 wide, vocab 50257", model.GPTConfig(
+                  vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768), 1 if device == "cpu" else 8)]
     header(f"Model training step (forward + backward), {device}, fp32", {"torch": torch.__version__})
     print("| model | batch x seq | model.py | nanoGPT-style eager | speedup |")
     print("|---|---|---:|---:|---:|")
-    for name, kw, batch in shapes:
+    for name, cfg, batch in shapes:
         torch.manual_seed(0)
-        ours = model.GPT(model.GPTConfig(**kw)).to(device)
-        base = Baseline(kw["vocab_size"], kw["block_size"], kw["n_layer"], kw["n_head"], kw["n_embd"]).to(device)
-        idx = torch.randint(0, kw["vocab_size"], (batch, kw["block_size"]), device=device)
+        ours = model.GPT(cfg).to(device)
+        base = Baseline(cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd).to(device)
+        idx = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=device)
 
         def step(m, loss_of):
             loss_of(m).backward()
@@ -218,8 +230,8 @@ def bench_model():
         ours_fn = lambda: step(ours, lambda m: m(idx, idx)[1])  # noqa: E731
         base_fn = lambda: step(base, lambda m: m(idx, idx))  # noqa: E731
         ours_fn(), base_fn()  # warm up
-        t_ours, t_base = best_of(ours_fn), best_of(base_fn)
-        print(f"| {name} | {batch} x {kw['block_size']} | {t_ours * 1e3:.0f} ms | {t_base * 1e3:.0f} ms | "
+        t_ours, t_base = best_of(ours_fn, base_fn)
+        print(f"| {name} | {batch} x {cfg.block_size} | {t_ours * 1e3:.0f} ms | {t_base * 1e3:.0f} ms | "
               f"**{t_base / t_ours:.2f}x** |")
 
 
@@ -313,9 +325,7 @@ def bench_train(config=None, steps=30):
     # the baseline: the same model and batch, a bare loop (no accumulation bookkeeping, no logging)
     train.prepare.configure(vars(train), args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = model.GPTConfig(vocab_size=4096 if not config else 50257, block_size=train.block_size, n_layer=train.n_layer,
-                          n_head=train.n_head, n_kv_head=train.n_kv_head, n_embd=train.n_embd, norm=train.norm,
-                          mlp=train.mlp, pos=train.pos, bias=train.bias, attn="sdpa")
+    cfg = dataclasses.replace(train.model_config(4096 if not config else 50257), attn="sdpa")
     m = model.GPT(cfg).to(device)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
     idx = torch.randint(0, cfg.vocab_size, (train.micro_batch, train.block_size), device=device)
@@ -347,17 +357,17 @@ def bench_train(config=None, steps=30):
 def bench_sample(new_tokens=512):
     import model
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    shapes = [("the quickstart's: 4 layers, 192 wide, RoPE, block 512", dict(
-        vocab_size=4096, block_size=512, n_layer=4, n_head=4, n_embd=192, pos="rope"))]
+    cfg, name = quickstart()
+    shapes = [(f"the quickstart's: {name}, block {cfg.block_size}", cfg)]
     if device == "cuda":
-        shapes.append(("GPT-2 124M, block 1024", dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12,
-                                                       n_embd=768)))
+        shapes.append(("GPT-2 124M, block 1024", model.GPTConfig(vocab_size=50257, block_size=1024, n_layer=12,
+                                                                  n_head=12, n_embd=768)))
     header(f"Sampling {new_tokens} new tokens, batch 1, {device}", {"torch": torch.__version__})
     print("| model | KV cache | no cache (nanoGPT-style) | speedup |")
     print("|---|---:|---:|---:|")
-    for name, kw in shapes:
+    for name, cfg in shapes:
         torch.manual_seed(0)
-        m = model.GPT(model.GPTConfig(**kw)).to(device).eval()
+        m = model.GPT(cfg).to(device).eval()
         if device == "cuda":
             m = m.to(torch.bfloat16)
         idx = torch.zeros(1, 1, dtype=torch.long, device=device)
@@ -366,7 +376,7 @@ def bench_sample(new_tokens=512):
             seq = idx
             with torch.no_grad():
                 for _ in range(new_tokens):
-                    logits, _ = m(seq[:, -kw["block_size"]:])
+                    logits, _ = m(seq[:, -cfg.block_size:])
                     seq = torch.cat([seq, model.sample(logits[:, -1].float(), 1.0)[:, None]], dim=1)
             return seq
 
@@ -375,8 +385,8 @@ def bench_sample(new_tokens=512):
             if device == "cuda":
                 torch.cuda.synchronize()
 
-        t_cache = best_of(lambda: sync(lambda: m.generate(idx, new_tokens)), repeat=2)
-        t_plain = best_of(lambda: sync(no_cache), repeat=2)
+        t_cache, t_plain = best_of(lambda: sync(lambda: m.generate(idx, new_tokens)), lambda: sync(no_cache),
+                                   repeat=4)
         print(f"| {name} | {new_tokens / t_cache:.0f} tok/s | {new_tokens / t_plain:.0f} tok/s | "
               f"**{t_plain / t_cache:.1f}x** |")
 

@@ -31,6 +31,7 @@ min_lr = 0.0
 warmup_steps = 700
 max_steps = 18865
 schedule = "wsd"
+decay_frac = 0.2
 weight_decay = 0.1
 eval_interval = 250
 eval_tokens = 10_485_760

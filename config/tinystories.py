@@ -16,6 +16,7 @@ min_lr = 1e-4
 warmup_steps = 200
 max_steps = 5000
 schedule = "wsd"
+decay_frac = 0.2
 eval_interval = 500
 eval_tokens = 1_048_576
 log_interval = 20
