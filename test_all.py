@@ -1260,3 +1260,39 @@ def test_sample_end_to_end(tiny_checkpoint, tmp_path):
     assert run.returncode == 0 and "only its last 32" in run.stderr
     run = sample(tmp_path / "nothing")
     assert run.returncode != 0 and "python train.py" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_finetune_and_sample_a_pretrained_directory(tmp_path):
+    # a Hugging Face checkpoint directory with its own tokenizer.json, made here (a random
+    # Llama and a BPE trained by Hugging Face tokenizers; no download): prepare.py
+    # tokenizes with the model's tokenizer, train.py fine-tunes the weights, and sample.py
+    # samples the result and the directory itself
+    import transformers
+    from tokenizers import Tokenizer as HFTokenizer, models as hf_models, pre_tokenizers, trainers
+    pretrained = tmp_path / "tiny-llama"
+    tok = HFTokenizer(hf_models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator([open(bpe.__file__).read()], trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+        vocab_size=400, max_position_embeddings=64, bos_token_id=0, eos_token_id=0)).save_pretrained(pretrained)
+    tok.save(str(pretrained / "tokenizer.json"))
+    data = tmp_path / "data"
+    run = subprocess.run([sys.executable, "prepare.py", f"--data_dir={data}", "--max_docs=20", f"--tokenizer={pretrained}"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    meta = json.loads((data / "stdlib" / "meta.json").read_text())
+    assert meta["tokenizer"] == "tokenizer.json" and meta["vocab_size"] == 400 and meta["eot_id"] == 0
+    run, logs = train(data, tmp_path / "ft", f"--init_from={pretrained}", "--max_steps=8", "--eval_interval=8")
+    assert run.returncode == 0, run.stderr
+    val = [r["val_loss"] for r in logs if "val_loss" in r]
+    assert len(val) == 2 and val[1] < val[0] - 0.5  # from a random model's ~ln(400) = 6.0
+    ckpt = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=False)
+    assert ckpt["model_config"]["n_kv_head"] == 2 and ckpt["model_config"]["norm"] == "rmsnorm"
+    for args in [[f"--out_dir={tmp_path / 'ft'}"], [f"--init_from={pretrained}"]]:
+        run = subprocess.run([sys.executable, "sample.py", *args, "--start=def ", "--max_new_tokens=8"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0 and run.stdout.count("def ") >= 2, run.stderr
