@@ -82,8 +82,9 @@ def bench_tokenizer(vocab_sizes=(8192, 32768)):
         print("|---:|---:|---:|---:|")
         trained = {}
         for size in vocab_sizes:
-            t_ours = best_of(lambda: trained.__setitem__(size, bpe.train([path], size)), repeat=2)
-            t_hf = best_of(lambda: hf_train(tokenizers, path, size), repeat=2) if tokenizers else None
+            ours = lambda: trained.__setitem__(size, bpe.train([path], size))  # noqa: E731
+            t_ours, t_hf = best_of(ours, lambda: hf_train(tokenizers, path, size), repeat=2) if tokenizers \
+                else (best_of(ours, repeat=2), None)
             hf = f"{t_hf:.2f} s" if t_hf else "n/a"
             ratio = f"**{t_hf / t_ours:.2f}x**" if t_hf else "n/a"
             print(f"| {size} | {t_ours:.2f} s | {hf} | {ratio} |")
@@ -107,6 +108,7 @@ def bench_tokenizer(vocab_sizes=(8192, 32768)):
     header(f"Tokenizer encoding: {mb:.1f} MB, one core, encode_ordinary", versions)
     print("| encoder | MB/s | vs tiktoken gpt2 |")
     print("|---|---:|---:|")
+    # each encoder's runs back to back: interleaved, the others evict its caches
     speeds = [(name, mb / best_of(lambda: fn(sample))) for name, fn in rows]
     ref = speeds[-1][1] if gpt2 is not None else None
     for name, speed in speeds:
