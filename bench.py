@@ -148,7 +148,7 @@ def bench_prepare():
             spec, enc = "gpt2", tiktoken.get_encoding("gpt2")
         except Exception:  # offline without tiktoken's cached gpt2 files: our own BPE
             bpe.train(docs, 4096).save(os.path.join(tmp, "tok.bpe"))
-            spec, enc = "tok.bpe", prepare.load_tokenizer("tok.bpe", tmp)
+            spec, enc = "tok.bpe", bpe.load_tokenizer("tok.bpe", tmp)
         dtype = prepare.token_dtype(enc.n_vocab)
         prepare._encoders.clear()  # workers load the tokenizer themselves, as in a real run
 

@@ -21,11 +21,13 @@ import argparse
 import base64
 import codecs
 import collections
+import contextlib
 import heapq
 import json
 import multiprocessing
 import os
 import re
+import tempfile
 import time
 
 import regex  # the stdlib `re` has no \p{L} (any letter) classes
@@ -448,39 +450,53 @@ class Tokenizer:
         lines = [f"{base64.b64encode(t).decode()} {i}\n" for t, i in sorted(self.ranks.items(), key=lambda x: x[1])]
         side = {"pattern": self.pattern, "special_tokens": self.special_tokens,
                 "merges": [[self.ranks[left], self.ranks[right]] for left, right in self.merges]}
-        _write_atomic(str(path) + ".json", json.dumps(side, ensure_ascii=False))
-        _write_atomic(path, "".join(lines))
+        with atomic_write(str(path) + ".json") as f:
+            f.write(json.dumps(side, ensure_ascii=False))
+        with atomic_write(path) as f:
+            f.write("".join(lines))
 
     @classmethod
     def load(cls, path):
-        path, ranks = str(path), {}
-        where = path
+        """Loads `path` (tiktoken's ranks format) and `path`.json, as save() wrote them."""
+        path = str(path)
         try:
             with open(path, encoding="ascii") as f:
-                for n, line in enumerate(f, 1):
-                    where = f"{path}, line {n}"
-                    token, rank = line.split()
-                    ranks[base64.b64decode(token, validate=True)] = int(rank)
-            where = path
-            if sorted(ranks.values()) != list(range(len(ranks))) or len(ranks) < 256:
-                raise ValueError(f"the ids are not 0..{len(ranks) - 1}: the file is cut short or damaged")
-            where = path + ".json"
-            with open(where, encoding="utf-8") as f:
-                side = json.load(f)
-            where = path
-            if len(side["merges"]) != len(ranks) - 256:
-                raise ValueError(f"{len(ranks)} tokens, but {len(side['merges'])} merges in {path}.json: "
-                                 "one of the two files is cut short")
-            where = path + ".json"
-            vocab = {i: t for t, i in ranks.items()}
-            merges = [(vocab[a], vocab[b]) for a, b in side["merges"]]
-            where = f"{path} + {path}.json"
-            return cls(ranks, merges, side["special_tokens"], side["pattern"])
+                ranks_text = f.read()
+            with open(path + ".json", encoding="utf-8") as f:
+                side_text = f.read()
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{e.filename}: no such tokenizer file; train one with "
                                     "`python bpe.py --input FILE --out PATH` or run prepare.py") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: corrupt tokenizer file (not text: {e.reason}); "
+                             "train it again with bpe.py or prepare.py") from None
+        return cls.loads(ranks_text, side_text, path)
+
+    @classmethod
+    def loads(cls, ranks_text, side_text, where="tokenizer"):
+        """The tokenizer from the texts of its two files; `where` names them in errors."""
+        ranks, at = {}, where
+        try:
+            for n, line in enumerate(ranks_text.splitlines(), 1):
+                at = f"{where}, line {n}"
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            at = where
+            if sorted(ranks.values()) != list(range(len(ranks))) or len(ranks) < 256:
+                raise ValueError(f"the ids are not 0..{len(ranks) - 1}: the file is cut short or damaged")
+            at = where + ".json"
+            side = json.loads(side_text)
+            at = where
+            if len(side["merges"]) != len(ranks) - 256:
+                raise ValueError(f"{len(ranks)} tokens, but {len(side['merges'])} merges in {where}.json: "
+                                 "one of the two files is cut short")
+            at = where + ".json"
+            vocab = {i: t for t, i in ranks.items()}
+            merges = [(vocab[a], vocab[b]) for a, b in side["merges"]]
+            at = f"{where} + {where}.json"
+            return cls(ranks, merges, side["special_tokens"], side["pattern"])
         except (ValueError, KeyError, TypeError, IndexError, RecursionError) as e:
-            raise ValueError(f"{where}: corrupt tokenizer file ({type(e).__name__}: {e}); "
+            raise ValueError(f"{at}: corrupt tokenizer file ({type(e).__name__}: {e}); "
                              "train it again with bpe.py or prepare.py") from None
 
     @classmethod
@@ -496,13 +512,15 @@ class Tokenizer:
             raise ValueError(f"{vocab_bpe} + {encoder_json}: not GPT-2 tokenizer files ({type(e).__name__}: {e})") from None
 
     @classmethod
-    def from_hf_json(cls, path):
+    def from_hf_json(cls, path, text=None):
         """Loads a Hugging Face tokenizer.json of a byte-level BPE (GPT-2's split, maybe after
-        splitting off single digits, as SmolLM2's). Encoding then follows tiktoken's rule
-        (lowest rank first), as for every Tokenizer."""
+        splitting off single digits, as SmolLM2's); `text`, if given, is the file's content.
+        Encoding then follows tiktoken's rule (lowest rank first), as for every Tokenizer."""
         try:
-            with open(path, encoding="utf-8") as f:
-                hf = json.load(f)
+            if text is None:
+                with open(path, encoding="utf-8") as f:
+                    text = f.read()
+            hf = json.loads(text)
             model, pre = hf["model"], hf.get("pre_tokenizer") or {}
             steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
             split = tuple((s.get("type"), s.get("individual_digits"), s.get("add_prefix_space"), s.get("use_regex", True))
@@ -515,7 +533,7 @@ class Tokenizer:
             merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
             added = {t["content"]: t["id"] for t in hf.get("added_tokens", [])}
             return cls._from_printable(model["vocab"] | added, merges, pattern, set(added))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise ValueError(f"{path}: not a tokenizer.json that bpe.py can load ({type(e).__name__}: {e})") from None
 
     @classmethod
@@ -563,12 +581,62 @@ class StreamDecoder:
         return self.utf8.decode(b"", final=True)
 
 
-def _write_atomic(path, text):
-    # write then rename: an interrupted save never leaves a file that looks complete
+def load_tokenizer(name, directory=None, files=None):
+    """A tiktoken.Encoding (the fast path) for a tokenizer as meta.json and checkpoints name
+    it: "gpt2" (tiktoken's own), the file name of a trained BPE ("x.bpe", with "x.bpe.json"),
+    of a Hugging Face tokenizer.json, or "vocab.json" (with merges.txt beside it). The files
+    are read from `directory`, or taken from `files`, {file name: text} (a checkpoint's)."""
+    if name == "gpt2":
+        import tiktoken
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except Exception as e:  # tiktoken downloads its files on first use
+            raise ValueError(f"tiktoken's gpt2 files are not in its cache and could not be downloaded "
+                             f"({type(e).__name__}; offline?). Put them in TIKTOKEN_CACHE_DIR, or use a "
+                             "dataset with its own BPE: `python prepare.py` needs no network") from None
+
+    def text(file):
+        if files is not None:
+            if file not in files:
+                raise ValueError(f"tokenizer {name!r}: its file {file} is missing")
+            return files[file]
+        with open(os.path.join(directory, file), encoding="utf-8") as f:
+            return f.read()
+    where = os.path.join(directory, name) if files is None else name
+    try:
+        if name.endswith(".bpe"):
+            tok = Tokenizer.loads(text(name), text(name + ".json"), where)
+        elif name == "vocab.json":
+            with tempfile.TemporaryDirectory() as tmp:  # GPT-2's two files, read as files
+                for file in ("vocab.json", "merges.txt"):
+                    with open(os.path.join(tmp, file), "w", encoding="utf-8") as f:
+                        f.write(text(file))
+                tok = Tokenizer.from_gpt2_files(os.path.join(tmp, "merges.txt"), os.path.join(tmp, "vocab.json"))
+        elif name.endswith(".json"):
+            tok = Tokenizer.from_hf_json(where, text(name))
+        else:
+            raise ValueError(f"unknown tokenizer {name!r}: expected gpt2, a .bpe file, or a tokenizer.json")
+    except FileNotFoundError as e:
+        raise ValueError(f"{e.filename}: no such tokenizer file; run prepare.py again") from None
+    return tok.to_tiktoken()
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="w"):
+    """with atomic_write(path) as f: ... writes to a temp file beside `path` and renames it
+    into place only when the block finishes; on an error or Ctrl-C the temp file goes and
+    `path` is left as it was. So a half-written file never looks complete. Every script
+    writes its files (tokenizers, shards, meta.json, checkpoints) through this."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so a crash cannot leave an empty file
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # -----------------------------------------------------------------------------

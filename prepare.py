@@ -315,28 +315,12 @@ def documents(split):
 # Tokenizing
 
 
-def load_tokenizer(spec, directory):
-    """A tiktoken.Encoding for a meta.json "tokenizer" entry: "gpt2", or the file name of
-    a trained BPE (tokenizer.bpe) or of a pretrained model's tokenizer.json in `directory`."""
-    if spec == "gpt2":
-        import tiktoken
-        try:
-            return tiktoken.get_encoding("gpt2")
-        except Exception as e:  # tiktoken downloads its files on first use
-            raise DownloadError(f"tiktoken's gpt2 files are not in its cache and could not be downloaded "
-                                f"({type(e).__name__}; offline?). The default dataset needs no network: "
-                                "python prepare.py") from None
-    if spec.endswith(".json"):  # a Hugging Face tokenizer.json
-        return bpe.Tokenizer.from_hf_json(os.path.join(directory, spec)).to_tiktoken()
-    return bpe.Tokenizer.load(os.path.join(directory, spec)).to_tiktoken()
-
-
 _encoders = {}  # per process: (spec, directory) -> encoding
 
 
 def _encode_docs(docs, spec, directory, eot, dtype):
     """Runs in a worker: [eot] + ids of each document, and the counts for meta.json."""
-    enc = _encoders.get((spec, directory)) or _encoders.setdefault((spec, directory), load_tokenizer(spec, directory))
+    enc = _encoders.get((spec, directory)) or _encoders.setdefault((spec, directory), bpe.load_tokenizer(spec, directory))
     ids = []
     for doc in docs:
         ids.append(eot)
@@ -426,7 +410,7 @@ def tokenize_dataset(out, spec):
         import model
         name = "tokenizer.json"
         shutil.copy(os.path.join(model.pretrained_dir(spec, [name]), name), os.path.join(out, name))
-    enc = _encoders[(name, out)] = load_tokenizer(name, out)  # forked workers inherit it
+    enc = _encoders[(name, out)] = bpe.load_tokenizer(name, out)  # forked workers inherit it
     eot, dtype = enc.eot_token, token_dtype(enc.n_vocab)
     meta = {"dataset": dataset, "tokenizer": name, "vocab_size": enc.n_vocab, "eot_id": eot}
     for split in ("val", "train"):
@@ -442,7 +426,7 @@ def fetch_shards(url, out, spec):
     for name in set(os.listdir(out)) - set(wanted):
         if name.endswith(".bin"):
             os.remove(os.path.join(out, name))  # shards beyond num_shards, from an earlier run
-    enc = load_tokenizer("gpt2", out)
+    enc = bpe.load_tokenizer("gpt2", out)
     token_bytes = np.array([len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)])
     token_bytes[enc.eot_token] = 0  # bytes of text: the end-of-text marker is not text
     meta = {"dataset": dataset, "tokenizer": "gpt2", "vocab_size": enc.n_vocab, "eot_id": enc.eot_token}

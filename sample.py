@@ -56,7 +56,7 @@ def load():
         for name, text in spec.get("files", {}).items():
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
                 f.write(text)
-        return model, prepare.load_tokenizer(spec["name"], tmp)
+        return model, bpe.load_tokenizer(spec["name"], tmp)
 
 
 def main():

@@ -1,15 +1,23 @@
 """
 test_all.py: every test of the project, in reading order (bpe, prepare, model, flash,
-train, sample). Each test checks against an independent reference: tiktoken, a naive
-second implementation, fp64 math, or values worked out by hand in a comment.
+train, sample), after the fixtures they share. Each test checks against an independent
+reference: tiktoken, transformers, a naive second implementation, fp64 math, or values
+worked out by hand in a comment.
 
     python -m pytest -q test_all.py
 
 Tests that need CUDA skip with a reason on CPU; everything else runs in CI.
 """
+
 import collections
+import contextlib
+import dataclasses
+import gzip
 import hashlib
+import http.server
 import io
+import json
+import math
 import os
 import pathlib
 import random
@@ -18,12 +26,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import tracemalloc
-import contextlib
-import dataclasses
 
-import math
-
+import numpy as np
 import pytest
 import regex
 import torch
@@ -32,11 +38,19 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is first imported
 
-import bpe
+import bpe  # noqa: E402  (after TRITON_INTERPRET)
+import model  # noqa: E402
+import prepare  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent
 SHARED_GPT2 = ROOT.parent / "shared" / "gpt2"
 GPT2_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+# -----------------------------------------------------------------------------
+# Shared fixtures and helpers: texts, tokenizers, a local HTTP server, tiny models and runs
 
 
 @pytest.fixture(scope="session")
@@ -90,10 +104,129 @@ def varied_texts(seed=0, n=30):
 @pytest.fixture(scope="module")
 def trained():
     """A tokenizer trained on stdlib source and multilingual text: 1000 tokens."""
-    import json
     corpus = [pathlib.Path(json.__file__).read_text(), pathlib.Path(collections.__file__).read_text()]
     corpus += [bpe.EOT.join(varied_texts(1, 200))]
     return bpe.train(corpus, 1000, workers=1)
+
+
+def split_text(text, rng):
+    """text in pieces of 0 to 12 characters: cuts fall inside words, runs of spaces,
+    contractions and special tokens."""
+    out, i = [], 0
+    while i < len(text):
+        n = rng.randint(0, 12)
+        out.append(text[i:i + n])
+        i += n
+    return out
+
+
+class FileServer(http.server.BaseHTTPRequestHandler):
+    """Serves FILES on 127.0.0.1. Paths pick a behaviour: /cut/... sends half of the
+    file on the first request only, /norange/... ignores Range, /flaky/... answers 503
+    twice first, anything unknown is a 404. Requests are logged in LOG."""
+    FILES, LOG = {}, []
+
+    def do_GET(self):
+        kind, _, name = self.path.strip("/").partition("/")
+        self.LOG.append((self.path, self.headers.get("Range"), self.headers.get("Authorization")))
+        seen = sum(1 for p, _, _ in self.LOG if p == self.path)
+        data = self.FILES.get(name)
+        if data is None:
+            return self.send_error(404)
+        if kind == "flaky" and seen <= 2:
+            return self.send_error(503)
+        if kind == "gzip" and "gzip" in self.headers.get("Accept-Encoding", ""):
+            data = gzip.compress(data)  # served compressed to clients that accept it
+        start = 0
+        if self.headers.get("Range") and kind != "norange":
+            start = int(self.headers["Range"].split("=")[1].rstrip("-"))
+        if start >= len(data) and start:
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(data)}")
+            self.send_header("Content-Length", "0")
+            return self.end_headers()
+        shown = max(0, start - 100) if kind == "wrongstart" else start  # resumes from the wrong place
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(data) - shown))
+        if kind == "gzip" and "gzip" in self.headers.get("Accept-Encoding", ""):
+            self.send_header("Content-Encoding", "gzip")
+        if start:
+            self.send_header("Content-Range", f"bytes {shown}-{len(data) - 1}/{len(data)}")
+        self.end_headers()
+        if (kind == "cut" and seen == 1) or kind == "drip":
+            self.wfile.write(data[shown:shown + (len(data) // 2 if kind == "cut" else 100_000)])  # then it drops
+            self.close_connection = True
+            return
+        self.wfile.write(data[shown:])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FileServer)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_port}"
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture
+def fast_retries(monkeypatch):
+    monkeypatch.setattr(prepare, "BACKOFF", 0.0)
+    monkeypatch.setattr(prepare, "RETRIES", 3)
+    FileServer.LOG.clear()
+
+
+def tiny(kind="llama", **kw):
+    torch.manual_seed(0)
+    llama = dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, n_kv_head=2, tie_embeddings=False)
+    cfg = GPTConfig(vocab_size=1000, block_size=64, n_layer=2, n_head=4, n_embd=64, attn="sdpa",
+                    **(llama if kind == "llama" else {}), **kw)
+    m = GPT(cfg).eval()
+    for p in m.parameters():
+        p.data.normal_(0, 0.2)  # sharper distributions than the init's
+    return m
+
+
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--micro_batch=4", "--total_batch_size=256",
+        "--eval_tokens=1024", "--learning_rate=1e-2", "--min_lr=1e-3", "--warmup_steps=5"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """A small slice of the default dataset: 40 files per split, a 300-token BPE, and train
+    shards of 20k tokens so that training crosses from shard to shard."""
+    d = tmp_path_factory.mktemp("data")
+    run = subprocess.run([sys.executable, "prepare.py", f"--data_dir={d}", "--max_docs=40", "--tokenizer=bpe:300",
+                          "--shard_size=20000"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert len(list((d / "stdlib").glob("train_*.bin"))) > 2
+    return d
+
+
+def train(data, out, *args, torchrun=0):
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
+           if torchrun else [sys.executable]) + ["train.py", f"--data_dir={data}", f"--out_dir={out}", *TINY, *args]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    logs = [json.loads(line) for line in open(out / "log.jsonl")] if (out / "log.jsonl").exists() else []
+    return run, logs
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    run, _ = train(tiny_data, out, "--max_steps=30", "--eval_interval=100")
+    assert run.returncode == 0, run.stderr
+    return out
+
+
+def sample(out, *args):
+    return subprocess.run([sys.executable, "sample.py", f"--out_dir={out}", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
 
 # -----------------------------------------------------------------------------
 # bpe.py
@@ -337,17 +470,6 @@ def test_bpe_overlapping_special_tokens(trained):
         tok.to_tiktoken()
 
 
-def split_text(text, rng):
-    """text in pieces of 0 to 12 characters: cuts fall inside words, runs of spaces,
-    contractions and special tokens."""
-    out, i = [], 0
-    while i < len(text):
-        n = rng.randint(0, 12)
-        out.append(text[i:i + n])
-        i += n
-    return out
-
-
 def test_bpe_encode_iterable_equals_encode(trained, gpt2):
     rng = random.Random(8)
     g2 = bpe.Tokenizer.from_gpt2_files(gpt2[0], gpt2[1])
@@ -461,78 +583,34 @@ def test_bpe_cli(tmp_path):
                              cwd=ROOT, capture_output=True, text=True)
         assert run.returncode != 0 and msg in run.stderr and "Traceback" not in run.stderr, run.stderr
 
+def test_bpe_from_hf_tokenizer_json(tmp_path):
+    # SmolLM2's tokenizer.json: a byte-level BPE with single digits split off first;
+    # one is trained here with Hugging Face tokenizers, and its ids are the reference
+    from tokenizers import Tokenizer as HFTokenizer, models as hf_models, pre_tokenizers, trainers
+    corpus = [open(bpe.__file__).read()] + varied_texts(12, 200) + ["In 2024, 366 days;  12 34  5 x1 y22 3.14"] * 20
+    for digits in (False, True):
+        tok = HFTokenizer(hf_models.BPE())
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) \
+            if digits else byte_level
+        tok.train_from_iterator(corpus, trainers.BpeTrainer(
+            vocab_size=1200, special_tokens=["<|endoftext|>", "<|im_start|>"], show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tok.save(str(tmp_path / "tokenizer.json"))
+        ours = bpe.Tokenizer.from_hf_json(tmp_path / "tokenizer.json")
+        assert ours.special_tokens == {"<|endoftext|>": 0, "<|im_start|>": 1} and ours.n_vocab == 1200
+        texts = varied_texts(13) + ["a  1", "x  12 3", "  1", "1  ", "a'1", "\n\n1\n\n", "a<|endoftext|>1 <|im_start|>"]
+        for text in texts:
+            assert ours.encode(text, allowed_special="all") == tok.encode(text, add_special_tokens=False).ids, text
+        text = "".join(texts)  # streamed in small pieces, the same ids
+        parts = split_text(text, random.Random(14))
+        assert list(ours.encode_iterable(parts, allowed_special="all")) == ours.encode(text, allowed_special="all")
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "Unigram"}}')
+    with pytest.raises(ValueError, match="tokenizer.json that bpe.py can load"):
+        bpe.Tokenizer.from_hf_json(tmp_path / "tokenizer.json")
+
 # -----------------------------------------------------------------------------
 # prepare.py
-
-import gzip
-import http.server
-import json
-import threading
-
-import numpy as np
-
-import prepare
-
-
-class FileServer(http.server.BaseHTTPRequestHandler):
-    """Serves FILES on 127.0.0.1. Paths pick a behaviour: /cut/... sends half of the
-    file on the first request only, /norange/... ignores Range, /flaky/... answers 503
-    twice first, anything unknown is a 404. Requests are logged in LOG."""
-    FILES, LOG = {}, []
-
-    def do_GET(self):
-        kind, _, name = self.path.strip("/").partition("/")
-        self.LOG.append((self.path, self.headers.get("Range"), self.headers.get("Authorization")))
-        seen = sum(1 for p, _, _ in self.LOG if p == self.path)
-        data = self.FILES.get(name)
-        if data is None:
-            return self.send_error(404)
-        if kind == "flaky" and seen <= 2:
-            return self.send_error(503)
-        if kind == "gzip" and "gzip" in self.headers.get("Accept-Encoding", ""):
-            data = gzip.compress(data)  # served compressed to clients that accept it
-        start = 0
-        if self.headers.get("Range") and kind != "norange":
-            start = int(self.headers["Range"].split("=")[1].rstrip("-"))
-        if start >= len(data) and start:
-            self.send_response(416)
-            self.send_header("Content-Range", f"bytes */{len(data)}")
-            self.send_header("Content-Length", "0")
-            return self.end_headers()
-        shown = max(0, start - 100) if kind == "wrongstart" else start  # resumes from the wrong place
-        self.send_response(206 if start else 200)
-        self.send_header("Content-Length", str(len(data) - shown))
-        if kind == "gzip" and "gzip" in self.headers.get("Accept-Encoding", ""):
-            self.send_header("Content-Encoding", "gzip")
-        if start:
-            self.send_header("Content-Range", f"bytes {shown}-{len(data) - 1}/{len(data)}")
-        self.end_headers()
-        if (kind == "cut" and seen == 1) or kind == "drip":
-            self.wfile.write(data[shown:shown + (len(data) // 2 if kind == "cut" else 100_000)])  # then it drops
-            self.close_connection = True
-            return
-        self.wfile.write(data[shown:])
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture(scope="module")
-def server():
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FileServer)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{srv.server_port}"
-    srv.shutdown()
-    srv.server_close()
-
-
-@pytest.fixture
-def fast_retries(monkeypatch):
-    monkeypatch.setattr(prepare, "BACKOFF", 0.0)
-    monkeypatch.setattr(prepare, "RETRIES", 3)
-    FileServer.LOG.clear()
-
 
 def test_configure(tmp_path):
     settings = {"dataset": "stdlib", "n_layer": 4, "lr": 1e-3, "compile": True, "betas": (0.9, 0.95),
@@ -730,10 +808,6 @@ def test_prepare_downloaded_text_and_shards(server, tmp_path, fast_retries, monk
 # -----------------------------------------------------------------------------
 # model.py
 
-import model
-from model import GPT, GPTConfig
-
-
 def hf_pair(kind, tmp_path, **kw):
     """A randomly initialised Hugging Face model (no download), saved with save_pretrained
     and loaded back with GPT.from_pretrained."""
@@ -772,17 +846,6 @@ def test_model_parity_with_transformers(kind, kw, tmp_path):
     assert torch.allclose(last, got[:, -1:], atol=1e-5)  # without targets: the last position only
     if kind == "llama":
         assert ours.cfg.n_kv_head == kw["num_key_value_heads"] and ours.cfg.tie_embeddings == kw["tie_word_embeddings"]
-
-
-def tiny(kind="llama", **kw):
-    torch.manual_seed(0)
-    llama = dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, n_kv_head=2, tie_embeddings=False)
-    cfg = GPTConfig(vocab_size=1000, block_size=64, n_layer=2, n_head=4, n_embd=64, attn="sdpa",
-                    **(llama if kind == "llama" else {}), **kw)
-    m = GPT(cfg).eval()
-    for p in m.parameters():
-        p.data.normal_(0, 0.2)  # sharper distributions than the init's
-    return m
 
 
 def test_model_loss_init_and_flops():
@@ -955,38 +1018,8 @@ def test_model_runs_without_triton():
     assert run.returncode == 0, run.stderr
 
 
-def test_bpe_from_hf_tokenizer_json(tmp_path):
-    # SmolLM2's tokenizer.json: a byte-level BPE with single digits split off first;
-    # one is trained here with Hugging Face tokenizers, and its ids are the reference
-    from tokenizers import Tokenizer as HFTokenizer, models as hf_models, pre_tokenizers, trainers
-    corpus = [open(bpe.__file__).read()] + varied_texts(12, 200) + ["In 2024, 366 days;  12 34  5 x1 y22 3.14"] * 20
-    for digits in (False, True):
-        tok = HFTokenizer(hf_models.BPE())
-        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) \
-            if digits else byte_level
-        tok.train_from_iterator(corpus, trainers.BpeTrainer(
-            vocab_size=1200, special_tokens=["<|endoftext|>", "<|im_start|>"], show_progress=False,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-        tok.save(str(tmp_path / "tokenizer.json"))
-        ours = bpe.Tokenizer.from_hf_json(tmp_path / "tokenizer.json")
-        assert ours.special_tokens == {"<|endoftext|>": 0, "<|im_start|>": 1} and ours.n_vocab == 1200
-        texts = varied_texts(13) + ["a  1", "x  12 3", "  1", "1  ", "a'1", "\n\n1\n\n", "a<|endoftext|>1 <|im_start|>"]
-        for text in texts:
-            assert ours.encode(text, allowed_special="all") == tok.encode(text, add_special_tokens=False).ids, text
-        text = "".join(texts)  # streamed in small pieces, the same ids
-        parts = split_text(text, random.Random(14))
-        assert list(ours.encode_iterable(parts, allowed_special="all")) == ours.encode(text, allowed_special="all")
-    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "Unigram"}}')
-    with pytest.raises(ValueError, match="tokenizer.json that bpe.py can load"):
-        bpe.Tokenizer.from_hf_json(tmp_path / "tokenizer.json")
-
 # -----------------------------------------------------------------------------
 # flash.py (on CPU through TRITON_INTERPRET=1: fp32 and fp16; bf16 and big sizes need CUDA)
-
-CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-
 
 def attention_fp64(q, k, v, causal, window=None, scale=None):
     """The reference: plain attention in fp64. q (B, Tq, H, D), k and v (B, Tk, Hkv, D);
@@ -1112,30 +1145,6 @@ def test_flash_cuda_large(dtype, causal):
 # -----------------------------------------------------------------------------
 # train.py
 
-TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--micro_batch=4", "--total_batch_size=256",
-        "--eval_tokens=1024", "--learning_rate=1e-2", "--min_lr=1e-3", "--warmup_steps=5"]
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    """A small slice of the default dataset: 40 files per split, a 300-token BPE, and train
-    shards of 20k tokens so that training crosses from shard to shard."""
-    d = tmp_path_factory.mktemp("data")
-    run = subprocess.run([sys.executable, "prepare.py", f"--data_dir={d}", "--max_docs=40", "--tokenizer=bpe:300",
-                          "--shard_size=20000"], cwd=ROOT, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    assert len(list((d / "stdlib").glob("train_*.bin"))) > 2
-    return d
-
-
-def train(data, out, *args, torchrun=0):
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
-           if torchrun else [sys.executable]) + ["train.py", f"--data_dir={data}", f"--out_dir={out}", *TINY, *args]
-    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    logs = [json.loads(line) for line in open(out / "log.jsonl")] if (out / "log.jsonl").exists() else []
-    return run, logs
-
-
 def test_train_lowers_val_loss(tiny_data, tmp_path):
     run, logs = train(tiny_data, tmp_path, "--max_steps=60", "--eval_interval=30", "--log_interval=10")
     assert run.returncode == 0, run.stderr
@@ -1228,19 +1237,6 @@ def test_train_errors(tiny_data, tmp_path):
 
 # -----------------------------------------------------------------------------
 # sample.py
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    run, _ = train(tiny_data, out, "--max_steps=30", "--eval_interval=100")
-    assert run.returncode == 0, run.stderr
-    return out
-
-
-def sample(out, *args):
-    return subprocess.run([sys.executable, "sample.py", f"--out_dir={out}", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
 
 
 def test_sample_end_to_end(tiny_checkpoint, tmp_path):

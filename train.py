@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import bpe
 import prepare
 from model import GPT, GPTConfig
 
@@ -282,7 +283,7 @@ def main():
         model = DDP(model, device_ids=[local] if dev.type == "cuda" else None)
     train_data = Shards(directory, "train", micro_batch, block_size, rank, world, True, ckpt["data"] if ckpt else None)
     spec = tokenizer_spec(directory, meta["tokenizer"])
-    enc = prepare.load_tokenizer(meta["tokenizer"], directory)
+    enc = bpe.load_tokenizer(meta["tokenizer"], directory)
     eot = meta["eot_id"]
     # bits per byte: each target token stands for its bytes of text (the end-of-text marker for none)
     token_bytes = torch.tensor([0 if i == eot else len(enc.decode_single_token_bytes(i))
