@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import prepare  # the downloader, for from_pretrained(name)
+
 
 @dataclass
 class GPTConfig:
@@ -316,7 +318,7 @@ class GPT(nn.Module):
         """GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl), SmolLM2 (HuggingFaceTB/SmolLM2-135M,
         -360M), or a directory with a Hugging Face config.json + model.safetensors of either
         family. Downloads go to data/pretrained/. overrides: GPTConfig fields such as attn."""
-        directory = pretrained_dir(name_or_dir, ["config.json", "model.safetensors"])
+        directory = prepare.pretrained_dir(name_or_dir, ["config.json", "model.safetensors"])
         with open(os.path.join(directory, "config.json")) as f:
             cfg = config_from_hf(json.load(f), **overrides)
         model = cls(cfg)
@@ -349,7 +351,10 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
         return logits.argmax(-1)
     logits = (logits - logits.max(-1, keepdim=True).values) / temperature  # no overflow at tiny temperatures
     probs = F.softmax(filter_logits(logits, top_k, top_p), dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    try:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    except RuntimeError:  # on a CPU; CUDA asserts on the device instead
+        raise ValueError("the model's probabilities are not finite (NaN or inf): its weights are broken") from None
 
 
 def filter_logits(logits, top_k=None, top_p=None):
@@ -367,29 +372,58 @@ def filter_logits(logits, top_k=None, top_p=None):
     return logits
 
 # -----------------------------------------------------------------------------
+# Where it runs: the device, the dtype, and train.py's checkpoints (train.py and sample.py share these)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def pick_device(name=""):
+    """The torch.device for a `device` setting: "" picks cuda, then mps, then cpu."""
+    if not name:
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device={name!r}: not a device; use cpu, cuda, cuda:N or mps") from None
+    have = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not have.get(dev.type):
+        raise ValueError(f"device={name!r}, but this machine's torch {torch.__version__} has no {dev.type} device; "
+                         "leave device empty to pick what is there")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device={name!r}, but there are {torch.cuda.device_count()} CUDA devices")
+    return dev
+
+
+def pick_dtype(dev, name=""):
+    """The compute dtype for a `dtype` setting: "" picks bf16 on CUDA (fp16 where the GPU
+    has no bf16), and fp32 elsewhere."""
+    if not name:
+        name = "fp32" if dev.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return DTYPES[name]
+
+
+def load_checkpoint(path):
+    """A checkpoint that train.py wrote (a dict: see train.save_checkpoint), on the CPU."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        # weights_only=False: it also holds numpy's RNG state; only load checkpoints you trust
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many kinds for a cut-off or damaged file
+        prev = os.path.join(os.path.dirname(path), "ckpt.prev.pt")
+        fix = f"copy {prev}, the one before it, over it to go back one checkpoint, or " if os.path.exists(prev) else ""
+        raise ValueError(f"{path} is damaged or cut short and cannot be read ({type(e).__name__}); "
+                         f"{fix}start the run over") from None
+
+
+def model_from_checkpoint(ckpt):
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+# -----------------------------------------------------------------------------
 # Hugging Face checkpoints: config.json, safetensors, and the names of the weights
-
-
-PRETRAINED = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
-              "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl",
-              "HuggingFaceTB/SmolLM2-135M": "HuggingFaceTB/SmolLM2-135M",
-              "HuggingFaceTB/SmolLM2-360M": "HuggingFaceTB/SmolLM2-360M"}
-
-
-def pretrained_dir(name_or_dir, files):
-    """A directory holding `files`: name_or_dir itself, or data/pretrained/<repo>, where
-    missing files are downloaded with prepare.py's downloader."""
-    if os.path.isdir(name_or_dir):
-        return name_or_dir
-    if name_or_dir not in PRETRAINED:
-        raise ValueError(f"unknown pretrained model {name_or_dir!r}: not a directory, nor one of "
-                         f"{', '.join(PRETRAINED)}")
-    import prepare
-    repo = PRETRAINED[name_or_dir]
-    directory = os.path.join("data", "pretrained", repo)
-    for file in files:
-        prepare.download(f"{prepare.HF}/{repo}/resolve/main/{file}", os.path.join(directory, file))
-    return directory
 
 
 def config_from_hf(hf, **overrides):
@@ -428,48 +462,50 @@ def config_from_hf(hf, **overrides):
     return GPTConfig(**{**kw, **overrides})
 
 
-def hf_to_ours(tensors, cfg):
-    """Renames Hugging Face weights to ours: GPT-2's Conv1D weights are stored (in, out),
-    so they are transposed; Llama's q/k/v and gate/up projections are concatenated into
-    our fused qkv and fc. Every returned tensor has .hf_name, for error messages."""
-    def take(name):
-        if name not in tensors:
-            raise ValueError(f"no tensor {name!r} in the checkpoint")
-        t = tensors.pop(name)
-        t.hf_name = name
-        return t
+def hf_names(cfg):
+    """The name table between our weights and Hugging Face's, read both ways: one row per
+    tensor of ours, (our name, [Hugging Face names], transposed). Several of theirs are
+    stacked on rows into one of ours: Llama's q, k, v projections into our qkv, and gate
+    and up into our fc. GPT-2's Conv1D layers store weights as (in, out): transposed."""
+    if cfg.norm == "layernorm":  # GPT-2
+        rows = [("wte.weight", ["wte.weight"], False), ("wpe.weight", ["wpe.weight"], False)]
+        for i in range(cfg.n_layer):
+            for ours, hf in [("norm1", "ln_1"), ("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
+                             ("norm2", "ln_2"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")]:
+                rows += [(f"blocks.{i}.{ours}.weight", [f"h.{i}.{hf}.weight"], not ours.startswith("norm")),
+                         (f"blocks.{i}.{ours}.bias", [f"h.{i}.{hf}.bias"], False)]
+        rows += [("norm_f.weight", ["ln_f.weight"], False), ("norm_f.bias", ["ln_f.bias"], False)]
+    else:  # Llama
+        rows = [("wte.weight", ["model.embed_tokens.weight"], False)]
+        for i in range(cfg.n_layer):
+            p = f"model.layers.{i}."
+            for ours, hf in [("norm1", ["input_layernorm"]), ("attn.qkv", ["self_attn.q_proj", "self_attn.k_proj",
+                             "self_attn.v_proj"]), ("attn.proj", ["self_attn.o_proj"]),
+                             ("norm2", ["post_attention_layernorm"]), ("mlp.fc", ["mlp.gate_proj", "mlp.up_proj"]),
+                             ("mlp.proj", ["mlp.down_proj"])]:
+                rows.append((f"blocks.{i}.{ours}.weight", [p + h + ".weight" for h in hf], False))
+        rows.append(("norm_f.weight", ["model.norm.weight"], False))
+    if not cfg.tie_embeddings:
+        rows.append(("lm_head.weight", ["lm_head.weight"], False))
+    return rows
 
-    out = {}
-    if cfg.norm == "layernorm":  # GPT-2: names may or may not start with "transformer."
-        tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()
-                   if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # causal-mask buffers, not weights
-        out["wte.weight"], out["wpe.weight"] = take("wte.weight"), take("wpe.weight")
-        for i in range(cfg.n_layer):
-            for ours, hf, conv1d in [("norm1", "ln_1", 0), ("attn.qkv", "attn.c_attn", 1), ("attn.proj", "attn.c_proj", 1),
-                                     ("norm2", "ln_2", 0), ("mlp.fc", "mlp.c_fc", 1), ("mlp.proj", "mlp.c_proj", 1)]:
-                w = take(f"h.{i}.{hf}.weight")
-                out[f"blocks.{i}.{ours}.weight"] = w.t() if conv1d else w
-                out[f"blocks.{i}.{ours}.weight"].hf_name = w.hf_name
-                out[f"blocks.{i}.{ours}.bias"] = take(f"h.{i}.{hf}.bias")
-        out["norm_f.weight"], out["norm_f.bias"] = take("ln_f.weight"), take("ln_f.bias")
-    else:
-        out["wte.weight"] = take("model.embed_tokens.weight")
-        for i in range(cfg.n_layer):
-            p, o = f"model.layers.{i}.", f"blocks.{i}."
-            out[o + "norm1.weight"] = take(p + "input_layernorm.weight")
-            out[o + "norm2.weight"] = take(p + "post_attention_layernorm.weight")
-            out[o + "attn.proj.weight"] = take(p + "self_attn.o_proj.weight")
-            out[o + "mlp.proj.weight"] = take(p + "mlp.down_proj.weight")
-            for ours, parts in [("attn.qkv", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
-                                ("mlp.fc", ["mlp.gate_proj", "mlp.up_proj"])]:
-                ws = [take(p + part + ".weight") for part in parts]
-                out[o + ours + ".weight"] = torch.cat(ws)
-                out[o + ours + ".weight"].hf_name = ws[0].hf_name
-        out["norm_f.weight"] = take("model.norm.weight")
+
+def hf_to_ours(tensors, cfg):
+    """Hugging Face weights renamed (and stacked, transposed) as ours, by hf_names. Every
+    tensor must be used. Each returned tensor has .hf_name, for error messages."""
+    # GPT-2's names may start with "transformer."; its causal-mask buffers are not weights
+    tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()
+               if not k.endswith((".attn.bias", ".attn.masked_bias"))}
     if cfg.tie_embeddings:
         tensors.pop("lm_head.weight", None)  # a copy of the embedding, if saved at all
-    else:
-        out["lm_head.weight"] = take("lm_head.weight")
+    out = {}
+    for ours, names, transposed in hf_names(cfg):
+        missing = [n for n in names if n not in tensors]
+        if missing:
+            raise ValueError(f"no tensor {missing[0]!r} in the checkpoint")
+        parts = [t.t() if transposed else t for t in (tensors.pop(n) for n in names)]
+        out[ours] = parts[0] if len(parts) == 1 else torch.cat(parts)
+        out[ours].hf_name = names[0]
     if tensors:
         raise ValueError(f"unused tensor {next(iter(tensors))!r} in the checkpoint: it does not fit this config")
     return out
@@ -513,19 +549,3 @@ def load_safetensors(path):
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not a valid safetensors file: {e}") from None
     return tensors
-
-
-def pretrained_tokenizer(name_or_dir):
-    """The tokenizer that goes with a pretrained model: tiktoken's gpt2 for GPT-2, or the
-    model's own tokenizer.json (SmolLM2), loaded into bpe.py."""
-    import bpe
-    if name_or_dir in PRETRAINED and name_or_dir.startswith("gpt2"):
-        import tiktoken
-        return tiktoken.get_encoding("gpt2")
-    directory = pretrained_dir(name_or_dir, ["tokenizer.json"])
-    for a, b in [("tokenizer.json", None), ("vocab.json", "merges.txt")]:
-        if os.path.exists(os.path.join(directory, a)) and (b is None or os.path.exists(os.path.join(directory, b))):
-            if b is None:
-                return bpe.Tokenizer.from_hf_json(os.path.join(directory, a))
-            return bpe.Tokenizer.from_gpt2_files(os.path.join(directory, b), os.path.join(directory, a))
-    raise FileNotFoundError(f"{directory}: no tokenizer.json, nor vocab.json + merges.txt")

@@ -9,17 +9,18 @@ Shards use llm.c's format: a header of 256 little-endian int32 (magic, version, 
 count), then the tokens as uint16 (or uint32 for vocabularies of 65536 and more). The
 end-of-text token comes before each document, as in llm.c's FineWeb shards.
 
-Other scripts import three things from here: the config mechanism (configure), the
-downloader (download; model.py fetches weights with it) and the shard reader
-(read_shard; train.py streams shards with it).
+Downloading anything, datasets and pretrained weights and tokenizer files alike, happens
+here (download, pretrained_dir; model.py fetches weights through them), and the shard
+reader sits beside the writer (read_shard; train.py streams shards with it). The
+settings come from config/ (configure).
 Read next: model.py
 """
-import ast
 import difflib
 import gzip
 import hashlib
 import json
 import os
+import shutil
 import socket
 import sys
 import sysconfig
@@ -30,9 +31,10 @@ import numpy as np
 import requests
 
 import bpe
+from config import check, configure, setting_names
 
 # -----------------------------------------------------------------------------
-# settings: these defaults, then a config file, then --key=value (see configure)
+# settings: these defaults, then a config file, then --key=value (config/__init__.py)
 dataset = "stdlib"  # a name in DATASETS below
 tokenizer = ""  # "gpt2", or "bpe:N" to train an N-token BPE on the train split; "" = the dataset's own
 data_dir = "data"  # shards go to data_dir/dataset/
@@ -65,73 +67,6 @@ DATASETS = {
 }
 
 # -----------------------------------------------------------------------------
-# The config mechanism, shared by every script
-
-SIMPLE = (bool, int, float, str, tuple, list, type(None))  # the types a setting can have
-
-
-def setting_names(namespace):
-    """A script's settings: its lowercase globals of simple types (their values are the defaults)."""
-    return {k: v for k, v in namespace.items() if k.islower() and not k.startswith("_") and isinstance(v, SIMPLE)}
-
-
-def configure(settings, argv=None, others=()):
-    """Applies a config file and --key=value overrides to a script's settings, in place.
-
-    `settings` is the script's globals(). A first argument that is not --key=value names
-    a config file, which is run as Python. Command-line values parse as Python literals
-    (strings stay as typed where the default is a str). A value must have its default's
-    type (an int passes for a float; a None default takes anything). An unknown key or a
-    wrong type exits with a message naming it. One config file serves several scripts:
-    `others` are keys it may set for another script (True: any key), which are skipped.
-    Returns the resolved settings as a dict."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    keys = setting_names(settings)
-    updates = []  # (key, value, where it came from)
-    if argv and not argv[0].startswith("--"):
-        path, argv = argv[0], argv[1:]
-        if not os.path.isfile(path):
-            raise SystemExit(f"error: config file {path} not found")
-        scope = {"__file__": path}
-        try:
-            exec(compile(open(path).read(), path, "exec"), scope)
-        except Exception as e:
-            raise SystemExit(f"error: config file {path} failed: {type(e).__name__}: {e}") from None
-        # its imports, functions and UPPERCASE helpers are not settings
-        updates += [(k, v, path) for k, v in setting_names(scope).items()
-                    if k in keys or not (others is True or k in others)]
-    for arg in argv:
-        key, eq, text = arg[2:].partition("=")
-        if not arg.startswith("--") or not eq:
-            raise SystemExit(f"error: expected --key=value, got {arg!r}")
-        value = text
-        if key in keys and not isinstance(keys[key], str):
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError, MemoryError, RecursionError):
-                try:
-                    value = float(text)  # inf and nan
-                except ValueError:
-                    pass  # a string, and the type check below says if that is wrong
-        updates.append((key, value, "the command line"))
-    for key, value, where in updates:
-        if key not in keys:
-            close = difflib.get_close_matches(key, keys, n=3)
-            hint = f"; did you mean {' or '.join(close)}?" if close else f"; known: {', '.join(sorted(keys))}"
-            raise SystemExit(f"error: unknown setting {key!r} in {where}{hint}")
-        default = keys[key]
-        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool) \
-                and abs(value) < 2 ** 1000:
-            value = float(value)
-        ok = default is None or type(value) is type(default) or \
-            (isinstance(default, (tuple, list)) and isinstance(value, (tuple, list)))
-        if not ok:
-            raise SystemExit(f"error: setting {key!r} in {where} must be a {type(default).__name__} "
-                             f"like its default {default!r}, got {value!r}")
-        settings[key] = type(default)(value) if isinstance(default, (tuple, list)) else value
-    return {k: settings[k] for k in keys}
-
-# -----------------------------------------------------------------------------
 # Downloads
 
 
@@ -146,8 +81,13 @@ def download(url, path, size=None, sha256=None):
     """Downloads url to path, unless path exists. Streams to path.part and resumes it
     with a Range request (from zero if the server ignores Range or answers from another
     offset); retries with backoff on connection errors, 429 and 5xx, giving up after
-    RETRIES failures in a row without progress; checks the size and sha256 when known;
-    then renames the file into place. HF_TOKEN, if set, goes to the Hugging Face host only."""
+    RETRIES failures in a row without progress; then renames the file into place.
+
+    A download is accepted only when it can be checked whole: its size or sha256 is
+    given, or the Hugging Face hub names them (X-Linked-Size, X-Linked-Etag), or the
+    server frames the body (Content-Length, chunked). A server that sends none of these
+    and closes early would otherwise leave a short file that looks complete.
+    HF_TOKEN, if set, goes to the Hugging Face host only."""
     if os.path.exists(path):
         return path
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -166,6 +106,7 @@ def download(url, path, size=None, sha256=None):
         try:
             with requests.get(url, stream=True, timeout=30,
                               headers=dict(headers, Range=f"bytes={have}-") if have else headers) as r:
+                size, sha256 = _hub_checks(r, size, sha256)
                 if r.status_code == 416:  # nothing after `have`: done if that is the whole file
                     if have == (size or _int(r.headers.get("Content-Range", "").rpartition("/")[2])):
                         break
@@ -180,6 +121,10 @@ def download(url, path, size=None, sha256=None):
                     continue
                 if r.status_code != 206:
                     have = 0  # the whole file is coming
+                framed = "Content-Length" in r.headers or "chunked" in r.headers.get("Transfer-Encoding", "")
+                if not (framed or size or sha256):
+                    raise DownloadError(f"cannot download {url}: the server sends no length, so a download cut "
+                                        "short could not be told from a whole one; give its size or sha256")
                 expect = have + int(r.headers["Content-Length"]) if "Content-Length" in r.headers else size
                 with open(part, "ab" if have else "wb") as f:
                     done, t0, shown = have, time.time(), 0.0
@@ -211,6 +156,16 @@ def download(url, path, size=None, sha256=None):
     return path
 
 
+def _hub_checks(r, size, sha256):
+    """The size and sha256 to check: as given, or else as the Hugging Face hub names them
+    for a large (LFS) file on its redirect: X-Linked-Size, and X-Linked-Etag = the sha256."""
+    for h in [x.headers for x in r.history] + [r.headers]:
+        etag = h.get("X-Linked-Etag", "").removeprefix("W/").strip('"')
+        size = size or _int(h.get("X-Linked-Size", ""))
+        sha256 = sha256 or (etag if len(etag) == 64 and all(c in "0123456789abcdef" for c in etag) else None)
+    return size, sha256
+
+
 def _int(text):
     return int(text) if text.isdigit() else None
 
@@ -230,6 +185,44 @@ def _sha256(path):
     return h.hexdigest()
 
 # -----------------------------------------------------------------------------
+# Pretrained models: their files from the Hugging Face hub, for model.py and for their tokenizers
+
+PRETRAINED = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
+              "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl",
+              "HuggingFaceTB/SmolLM2-135M": "HuggingFaceTB/SmolLM2-135M",
+              "HuggingFaceTB/SmolLM2-360M": "HuggingFaceTB/SmolLM2-360M"}
+
+
+def pretrained_dir(name_or_dir, files):
+    """A directory holding `files`: name_or_dir itself, or data/pretrained/<repo>, where
+    missing files are downloaded."""
+    if os.path.isdir(name_or_dir):
+        return name_or_dir
+    if name_or_dir not in PRETRAINED:
+        close = difflib.get_close_matches(name_or_dir, PRETRAINED, n=1)
+        raise ValueError(f"unknown pretrained model {name_or_dir!r}: not a directory, nor one of "
+                         f"{', '.join(PRETRAINED)}{f' (did you mean {close[0]!r}?)' if close else ''}")
+    repo = PRETRAINED[name_or_dir]
+    directory = os.path.join("data", "pretrained", repo)
+    for file in files:
+        download(f"{HF}/{repo}/resolve/main/{file}", os.path.join(directory, file))
+    return directory
+
+
+def pretrained_tokenizer(name_or_dir):
+    """The tokenizer of a pretrained model as (file name, directory) for bpe.load_tokenizer:
+    ("gpt2", None) for GPT-2 (tiktoken's), else the model's own tokenizer.json, or GPT-2
+    style vocab.json + merges.txt, downloaded if needed."""
+    if name_or_dir in PRETRAINED and name_or_dir.startswith("gpt2"):
+        return "gpt2", None
+    if os.path.isdir(name_or_dir) and not os.path.exists(os.path.join(name_or_dir, "tokenizer.json")):
+        if all(os.path.exists(os.path.join(name_or_dir, f)) for f in ("vocab.json", "merges.txt")):
+            return "vocab.json", name_or_dir
+        raise ValueError(f"{name_or_dir}: no tokenizer.json, nor vocab.json + merges.txt")
+    return "tokenizer.json", pretrained_dir(name_or_dir, ["tokenizer.json"])
+
+
+# -----------------------------------------------------------------------------
 # Shards: write and read llm.c's .bin format
 
 HEADER_INTS = 256
@@ -244,11 +237,9 @@ def write_shard(path, tokens, dtype):
     """Writes tokens to path atomically: a temp file, then a rename."""
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = *FORMATS[np.dtype(dtype)], len(tokens)
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
+    with bpe.atomic_write(path, "wb") as f:
         f.write(header.tobytes())
         f.write(np.asarray(tokens, dtype=np.dtype(dtype).newbyteorder("<")).tobytes())
-    os.replace(tmp, path)
 
 
 def read_shard(path):
@@ -266,6 +257,31 @@ def read_shard(path):
     if got != want:
         raise ValueError(f"{path}: {got} bytes, but its header promises {n} tokens ({want} bytes); {fix}")
     return np.memmap(path, dtype=dtype.newbyteorder("<"), mode="r", offset=HEADER_INTS * 4, shape=(n,))
+
+def token_bytes(enc):
+    """Bytes of text per token id, for bits per byte: the end-of-text marker counts none."""
+    n = np.array([len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)], dtype=np.int64)
+    n[enc.eot_token] = 0
+    return n
+
+
+def load_meta(directory):
+    """A prepared dataset's meta.json and its tokenizer (a tiktoken.Encoding), checked
+    against each other, or an error that says how to prepare it."""
+    path = os.path.join(directory, "meta.json")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        enc = bpe.load_tokenizer(meta["tokenizer"], directory)
+        if (enc.n_vocab, enc.eot_token) != (meta["vocab_size"], meta["eot_id"]):
+            raise ValueError(f"its tokenizer has {enc.n_vocab} tokens and end-of-text {enc.eot_token}, "
+                             f"but it says vocab_size {meta['vocab_size']} and eot_id {meta['eot_id']}")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: prepare the data first") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}); run prepare.py again") from None
+    return meta, enc
+
 
 # -----------------------------------------------------------------------------
 # Datasets: where the text comes from, as documents per split
@@ -353,25 +369,29 @@ def tokenize_split(docs, split, out, spec, eot, dtype, n_workers):
     return counts
 
 
-def prepare():
-    """Makes data_dir/dataset/{train,val}_NNNNNN.bin and meta.json from the settings."""
+def check_settings():
+    """Every setting, checked before anything on disk changes."""
+    spec = tokenizer or DATASETS.get(dataset, {}).get("tokenizer", "")
     if dataset not in DATASETS:
         close = difflib.get_close_matches(dataset, DATASETS, n=1)
         raise SystemExit(f"error: unknown dataset {dataset!r}{f'; did you mean {close[0]!r}?' if close else ''} "
                          f"Known: {', '.join(DATASETS)}")
+    check([("tokenizer", spec, spec == "gpt2" or (spec.startswith("bpe:") and spec[4:].isdigit() and int(spec[4:]) > 256)
+            or spec in PRETRAINED or os.path.isdir(spec), "gpt2, bpe:N to train an N-token BPE (N > 256), or a "
+            "pretrained model's name or directory (HuggingFaceTB/SmolLM2-135M) for its tokenizer.json"),
+           ("tokenizer", spec, "shards" not in DATASETS[dataset] or spec == "gpt2",
+            f"gpt2: {dataset} is pre-tokenized with GPT-2's tokenizer"),
+           ("shard_size", shard_size, shard_size >= 1, "1 or more"),
+           ("num_shards", num_shards, num_shards >= 1, "1 or more"),
+           ("max_docs", max_docs, max_docs >= 0, "0 (all) or more"),
+           ("workers", workers, workers >= 0, "0 (all cores) or more")])
+    return spec
+
+
+def prepare():
+    """Makes data_dir/dataset/{train,val}_NNNNNN.bin and meta.json from the settings."""
+    spec = check_settings()
     out, info = os.path.join(data_dir, dataset), DATASETS[dataset]
-    spec = tokenizer or info["tokenizer"]
-    # check every setting before anything on disk changes
-    if not (spec == "gpt2" or (spec.startswith("bpe:") and spec[4:].isdigit() and int(spec[4:]) > 256)
-            or "/" in spec or os.path.isdir(spec)):
-        raise SystemExit(f"error: tokenizer={spec!r}: use gpt2, bpe:N to train an N-token BPE (N > 256), or a "
-                         "pretrained model's name or directory (HuggingFaceTB/SmolLM2-135M) for its tokenizer.json")
-    if "shards" in info and spec != "gpt2":
-        raise SystemExit(f"error: {dataset} is pre-tokenized with GPT-2's tokenizer; it cannot use {spec!r}")
-    for key, value, least in [("shard_size", shard_size, 1), ("num_shards", num_shards, 1),
-                              ("max_docs", max_docs, 0), ("workers", workers, 0)]:
-        if value < least:
-            raise SystemExit(f"error: {key}={value}: it must be {least} or more")
     asked = {"tokenizer": spec, "shard_size": shard_size, "max_docs": max_docs, "num_shards": num_shards}
     meta_path = os.path.join(out, "meta.json")
     if os.path.exists(meta_path):
@@ -382,12 +402,10 @@ def prepare():
         os.remove(meta_path)  # outdated: until it is rewritten, nothing here looks complete
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
-    meta = fetch_shards(info["shards"], out, spec) if "shards" in info else tokenize_dataset(out, spec)
+    meta = fetch_shards(info["shards"], out) if "shards" in info else tokenize_dataset(out, spec)
     meta["settings"] = asked
-    tmp = meta_path + ".tmp"
-    with open(tmp, "w") as f:
+    with bpe.atomic_write(meta_path) as f:  # written last, so a dataset with a meta.json is complete
         json.dump(meta, f, indent=1)
-    os.replace(tmp, meta_path)  # written last, so a dataset with a meta.json is complete
     print(f"wrote {out}/ in {time.time() - t0:.0f}s: vocab {meta['vocab_size']}, " +
           ", ".join(f"{s} {meta[s]['tokens']:,} tokens" for s in ("train", "val")))
 
@@ -402,14 +420,13 @@ def tokenize_dataset(out, spec):
             os.remove(os.path.join(out, name))  # shards of an earlier run
     name = "gpt2"
     if spec.startswith("bpe:"):
-        print(f"training a {spec[4:]}-token BPE on the train split")
+        print(f"training a {spec[4:]}-token BPE on the train split", flush=True)
         bpe.train(limited(documents("train")), int(spec[4:])).save(os.path.join(out, "tokenizer.bpe"))
         name = "tokenizer.bpe"
     elif spec != "gpt2":  # a pretrained model's own tokenizer, for fine-tuning it
-        import shutil
-        import model
-        name = "tokenizer.json"
-        shutil.copy(os.path.join(model.pretrained_dir(spec, [name]), name), os.path.join(out, name))
+        name, directory = pretrained_tokenizer(spec)
+        for file in ("vocab.json", "merges.txt") if name == "vocab.json" else (name,) if directory else ():
+            shutil.copy(os.path.join(directory, file), os.path.join(out, file))
     enc = _encoders[(name, out)] = bpe.load_tokenizer(name, out)  # forked workers inherit it
     eot, dtype = enc.eot_token, token_dtype(enc.n_vocab)
     meta = {"dataset": dataset, "tokenizer": name, "vocab_size": enc.n_vocab, "eot_id": eot}
@@ -418,7 +435,7 @@ def tokenize_dataset(out, spec):
     return meta
 
 
-def fetch_shards(url, out, spec):
+def fetch_shards(url, out):
     """Pre-tokenized GPT-2 shards (llm.c's FineWeb): downloads val and num_shards train
     shards (those already here are kept), checks each header and size, and counts
     documents and bytes."""
@@ -426,26 +443,36 @@ def fetch_shards(url, out, spec):
     for name in set(os.listdir(out)) - set(wanted):
         if name.endswith(".bin"):
             os.remove(os.path.join(out, name))  # shards beyond num_shards, from an earlier run
-    enc = bpe.load_tokenizer("gpt2", out)
-    token_bytes = np.array([len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)])
-    token_bytes[enc.eot_token] = 0  # bytes of text: the end-of-text marker is not text
+    enc = bpe.load_tokenizer("gpt2")
+    n_bytes = token_bytes(enc)
     meta = {"dataset": dataset, "tokenizer": "gpt2", "vocab_size": enc.n_vocab, "eot_id": enc.eot_token}
     for split, indices in (("val", [0]), ("train", range(1, 1 + num_shards))):
         counts = {"tokens": 0, "documents": 0, "bytes": 0}
         for i in indices:
-            tokens = read_shard(download(url.format(split=split, i=i), os.path.join(out, f"{split}_{i:06d}.bin")))
+            path = download(url.format(split=split, i=i), os.path.join(out, f"{split}_{i:06d}.bin"))
+            try:
+                tokens = read_shard(path)
+            except ValueError as e:
+                os.remove(path)  # a bad download: the next run fetches it again
+                raise DownloadError(f"{e.args[0].split(';')[0]}; it was deleted, run again to download it anew") from None
             hist = np.bincount(tokens, minlength=enc.n_vocab)
             counts["tokens"] += len(tokens)
             counts["documents"] += int(hist[enc.eot_token])
-            counts["bytes"] += int(hist @ token_bytes)
+            counts["bytes"] += int(hist @ n_bytes)
         meta[split] = counts
     return meta
 
 
 if __name__ == "__main__":
-    settings = configure(globals(), others=True)  # a config file holds train.py's settings too
-    print("settings:", settings)
+    configure(globals(), others=True)  # a config file holds train.py's settings too
+    print("settings:", setting_names(globals()))
     try:
         prepare()
     except (DownloadError, ValueError) as e:
         raise SystemExit(f"prepare.py: error: {e}") from None
+    except KeyboardInterrupt:
+        # every file appears whole or not at all (atomic writes, meta.json last), and a
+        # download keeps its .part to resume from
+        print("\nprepare.py: interrupted; nothing half-written was kept. Run the same command again to finish "
+              "(downloads resume where they stopped).", file=sys.stderr)
+        sys.exit(130)
