@@ -42,6 +42,11 @@ def best_of(*fns, repeat=3):
     return best if len(fns) > 1 else best[0]
 
 
+def note(*msg):
+    """Progress to stderr, so that a long section does not sit silent; the tables go to stdout."""
+    print("bench:", *msg, file=sys.stderr, flush=True)
+
+
 def cpu_name():
     try:
         with open("/proc/cpuinfo") as f:
@@ -150,7 +155,7 @@ def bench_prepare():
             bpe.train(docs, 4096).save(os.path.join(tmp, "tok.bpe"))
             spec, enc = "tok.bpe", bpe.load_tokenizer("tok.bpe", tmp)
         dtype = prepare.token_dtype(enc.n_vocab)
-        prepare._encoders.clear()  # workers load the tokenizer themselves, as in a real run
+        note(f"prepare: tokenizing {mb:.1f} MB, ours and one tiktoken process, alternating, best of 3")
 
         def ours():
             with contextlib.redirect_stdout(io.StringIO()):
@@ -200,10 +205,19 @@ class Baseline(torch.nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
+def train_settings(args=()):
+    """train.py's settings after a config file and overrides, as a dict (its globals untouched)."""
+    import config
+    import train
+    settings = config.setting_names(vars(train))
+    config.configure(settings, list(args), others=config.setting_names(vars(prepare)))
+    return settings
+
+
 def quickstart(**overrides):
     """GPTConfig of the quickstart model (train.py's defaults), and its name for a table."""
     import train
-    cfg = dataclasses.replace(train.model_config(4096), **overrides)
+    cfg = dataclasses.replace(train.model_config(4096, train_settings()), **overrides)
     return cfg, f"{cfg.n_layer} layers, {cfg.n_embd} wide, {cfg.pos} positions, vocab {cfg.vocab_size}"
 
 
@@ -218,6 +232,7 @@ def bench_model():
     print("| model | batch x seq | model.py | nanoGPT-style eager | speedup |")
     print("|---|---|---:|---:|---:|")
     for name, cfg, batch in shapes:
+        note(f"model: {name}, {batch} x {cfg.block_size}, alternating, best of 3")
         torch.manual_seed(0)
         ours = model.GPT(cfg).to(device)
         base = Baseline(cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd).to(device)
@@ -313,6 +328,7 @@ def bench_train(config=None, steps=30):
     import model
     import train
     args = [config] if config else []  # the quickstart by default
+    note(f"train: {steps} steps of train.py {' '.join(args) or '(the quickstart)'}, then a plain loop")
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "train.py", *args, f"--max_steps={steps}", "--eval_interval=100000",
                "--log_interval=10", f"--out_dir={tmp}", "--warmup_steps=1"]
@@ -325,13 +341,13 @@ def bench_train(config=None, steps=30):
         tps = sum(r["tokens_per_s"] for r in ours) / len(ours)
         mfu = ours[-1]["mfu"]
     # the baseline: the same model and batch, a bare loop (no accumulation bookkeeping, no logging)
-    train.prepare.configure(vars(train), args)
+    s = train_settings(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = dataclasses.replace(train.model_config(4096 if not config else 50257), attn="sdpa")
+    cfg = dataclasses.replace(train.model_config(4096 if not config else 50257, s), attn="sdpa")
     m = model.GPT(cfg).to(device)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-    idx = torch.randint(0, cfg.vocab_size, (train.micro_batch, train.block_size), device=device)
-    accum = train.total_batch_size // (train.micro_batch * train.block_size)
+    idx = torch.randint(0, cfg.vocab_size, (s["micro_batch"], s["block_size"]), device=device)
+    accum = s["total_batch_size"] // (s["micro_batch"] * s["block_size"])
 
     def step():
         for _ in range(accum):
@@ -344,7 +360,7 @@ def bench_train(config=None, steps=30):
     t0 = time.perf_counter()
     for _ in range(10):  # a mean, as train.py's log reports
         step()
-    base_tps = train.total_batch_size * 10 / (time.perf_counter() - t0)
+    base_tps = s["total_batch_size"] * 10 / (time.perf_counter() - t0)
     header(f"Training steps: {config or 'the quickstart'}, {device}", {"torch": torch.__version__})
     print("| loop | tokens/s | MFU | vs plain loop |")
     print("|---|---:|---:|---:|")
@@ -368,6 +384,7 @@ def bench_sample(new_tokens=512):
     print("| model | KV cache | no cache (nanoGPT-style) | speedup |")
     print("|---|---:|---:|---:|")
     for name, cfg in shapes:
+        note(f"sample: {name}, {new_tokens} tokens with and without the cache, alternating, best of 4")
         torch.manual_seed(0)
         m = model.GPT(cfg).to(device).eval()
         if device == "cuda":

@@ -581,11 +581,12 @@ class StreamDecoder:
         return self.utf8.decode(b"", final=True)
 
 
-def load_tokenizer(name, directory=None, files=None):
+def load_tokenizer(name, directory=None, files=None, where=None):
     """A tiktoken.Encoding (the fast path) for a tokenizer as meta.json and checkpoints name
     it: "gpt2" (tiktoken's own), the file name of a trained BPE ("x.bpe", with "x.bpe.json"),
     of a Hugging Face tokenizer.json, or "vocab.json" (with merges.txt beside it). The files
-    are read from `directory`, or taken from `files`, {file name: text} (a checkpoint's)."""
+    are read from `directory`, or taken from `files`, {file name: text}, as a checkpoint
+    holds them; `where` then names their source in errors."""
     if name == "gpt2":
         import tiktoken
         try:
@@ -598,11 +599,11 @@ def load_tokenizer(name, directory=None, files=None):
     def text(file):
         if files is not None:
             if file not in files:
-                raise ValueError(f"tokenizer {name!r}: its file {file} is missing")
+                raise ValueError(f"{where or 'the tokenizer'}: its file {file} is missing")
             return files[file]
         with open(os.path.join(directory, file), encoding="utf-8") as f:
             return f.read()
-    where = os.path.join(directory, name) if files is None else name
+    where = os.path.join(directory, name) if files is None else f"{where or 'the tokenizer'}: {name}"
     try:
         if name.endswith(".bpe"):
             tok = Tokenizer.loads(text(name), text(name + ".json"), where)

@@ -2,7 +2,7 @@
 sample.py: generates text from a trained checkpoint or a pretrained model, streaming it.
 
     python sample.py                                     # from out/quickstart/ckpt.pt
-    python sample.py --out_dir=out/tinystories --start="Once upon a time" --top_p=0.9
+    python sample.py --out_dir=out/tinystories --start="Once upon a time" --top_p 0.9
     python sample.py --init_from=gpt2 --start=FILE:prompt.txt --num_samples=3 --temperature=0
 
 All samples are generated in one batch through model.py's KV cache; the first streams
@@ -12,17 +12,18 @@ Read next: bench.py, which measures all of the above.
 """
 import os
 import sys
-import tempfile
 import time
 
 import torch
 
 import bpe
+import model
 import prepare
-from model import GPT, GPTConfig, pretrained_tokenizer
+from config import check, configure
+from model import GPT
 
 # -----------------------------------------------------------------------------
-# settings: these defaults, then a config file, then --key=value (prepare.configure)
+# settings: these defaults, then a config file, then --key=value (config/__init__.py)
 out_dir = "out/quickstart"
 init_from = "resume"  # "resume": out_dir/ckpt.pt; or a pretrained name or directory (gpt2, HuggingFaceTB/SmolLM2-135M)
 start = ""  # the prompt; FILE:path reads it from a file; "" starts a new document
@@ -36,46 +37,57 @@ seed = 1337
 device = ""  # "" picks cuda, then mps, then cpu
 dtype = ""  # "" picks bf16 on CUDA, fp32 elsewhere
 
+
+def check_settings():
+    check([("num_samples", num_samples, num_samples >= 1, "1 or more"),
+           ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, "1 or more"),
+           ("temperature", temperature, 0 <= temperature < float("inf"), "0 (greedy) or more"),
+           ("top_k", top_k, top_k >= 0, "0 (off) or more"),
+           ("top_p", top_p, 0 <= top_p <= 1, "0 to 1 (1: off)"),
+           ("dtype", dtype, dtype in ("", *model.DTYPES), f"one of {('', *model.DTYPES)}")])
+
 # -----------------------------------------------------------------------------
 
 
 def load():
     """The model and its tokenizer (a tiktoken.Encoding): from a checkpoint, or pretrained."""
     if init_from != "resume":
-        tok = pretrained_tokenizer(init_from)
-        return GPT.from_pretrained(init_from), tok.to_tiktoken() if isinstance(tok, bpe.Tokenizer) else tok
+        m = GPT.from_pretrained(init_from)
+        return m, bpe.load_tokenizer(*prepare.pretrained_tokenizer(init_from))
     path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.exists(path):
         raise SystemExit(f"error: no checkpoint at {path}. Train one first, e.g.\n    python train.py "
                          f"--out_dir={out_dir}\nor sample a pretrained model: python sample.py --init_from=gpt2")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    spec = ckpt["tokenizer"]
-    with tempfile.TemporaryDirectory() as tmp:  # a trained tokenizer travels inside the checkpoint
-        for name, text in spec.get("files", {}).items():
-            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-                f.write(text)
-        return model, bpe.load_tokenizer(spec["name"], tmp)
+    ckpt = model.load_checkpoint(path)
+    spec = ckpt["tokenizer"]  # a trained tokenizer travels inside the checkpoint
+    return model.model_from_checkpoint(ckpt), bpe.load_tokenizer(spec["name"], files=spec["files"], where=path)
 
 
-def main():
-    prepare.configure(globals())
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else
-                                  "mps" if torch.backends.mps.is_available() else "cpu"))
-    model, enc = load()
-    amp = {"": torch.bfloat16 if dev.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
-           "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    model.to(dev, amp).eval()
-    eot = enc._special_tokens.get(bpe.EOT)
+def read_prompt(enc):
+    """The prompt's ids; an empty prompt starts a new document at the end-of-text token."""
     prompt = start
     if prompt.startswith("FILE:"):
-        with open(prompt[5:], encoding="utf-8") as f:
-            prompt = f.read()
+        try:
+            with open(prompt[5:], encoding="utf-8") as f:
+                prompt = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SystemExit(f"error: start=FILE:{prompt[5:]}: cannot read it ({type(e).__name__}: "
+                             f"{getattr(e, 'strerror', None) or e})") from None
+    eot = enc.eot_token if bpe.EOT in enc.special_tokens_set else None
     ids = enc.encode(prompt, allowed_special="all") if prompt else [eot] if eot is not None else []
     if not ids:
         raise SystemExit("error: the prompt is empty, and this tokenizer has no end-of-text token to start from")
-    window = model.cfg.block_size
+    return prompt, ids, eot
+
+
+def main():
+    configure(globals())
+    check_settings()
+    dev = model.pick_device(device)
+    m, enc = load()
+    m.to(dev, model.pick_dtype(dev, dtype)).eval()
+    prompt, ids, eot = read_prompt(enc)
+    window = m.cfg.block_size
     if len(ids) > window:
         print(f"(the prompt has {len(ids)} tokens; only its last {window}, the block size, are kept)", file=sys.stderr)
         ids = ids[-window:]
@@ -86,7 +98,7 @@ def main():
     out, stream, t0 = [], bpe.StreamDecoder(enc), time.time()
     print("-" * 20, "sample 1", "-" * 20)
     print(prompt, end="", flush=True)
-    for token in model.generate_tokens(idx, max_new_tokens, temperature, top_k or None, top_p, stop, gen):
+    for token in m.generate_tokens(idx, max_new_tokens, temperature, top_k or None, top_p, stop, gen):
         out.append(token.tolist())
         if out[-1][0] != eot:
             print(stream.push([out[-1][0]]), end="", flush=True)
@@ -105,5 +117,5 @@ def main():
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, prepare.DownloadError) as e:
+    except (ValueError, FileNotFoundError, prepare.DownloadError) as e:
         raise SystemExit(f"sample.py: error: {e}") from None

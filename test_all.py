@@ -41,6 +41,7 @@ if not torch.cuda.is_available():
 import bpe  # noqa: E402  (after TRITON_INTERPRET)
 import model  # noqa: E402
 import prepare  # noqa: E402
+from config import check, configure  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent
@@ -122,14 +123,25 @@ def split_text(text, rng):
 
 class FileServer(http.server.BaseHTTPRequestHandler):
     """Serves FILES on 127.0.0.1. Paths pick a behaviour: /cut/... sends half of the
-    file on the first request only, /norange/... ignores Range, /flaky/... answers 503
-    twice first, anything unknown is a 404. Requests are logged in LOG."""
-    FILES, LOG = {}, []
+    file on the first request only, /nolength/... too but without a Content-Length (the
+    body ends when the connection closes), /norange/... ignores Range, /flaky/... answers
+    503 twice first, /hub/KIND/... redirects to /KIND/... with the Hugging Face hub's
+    X-Linked-Size and X-Linked-Etag (from HUB, else the file's true size and sha256),
+    anything unknown is a 404. Requests are logged in LOG."""
+    FILES, LOG, HUB = {}, [], {}
 
     def do_GET(self):
         kind, _, name = self.path.strip("/").partition("/")
         self.LOG.append((self.path, self.headers.get("Range"), self.headers.get("Authorization")))
         seen = sum(1 for p, _, _ in self.LOG if p == self.path)
+        if kind == "hub":
+            data = self.FILES.get(name.partition("/")[2], b"")
+            self.send_response(302)
+            self.send_header("Location", "/" + name)
+            self.send_header("X-Linked-Size", str(len(data)))
+            self.send_header("X-Linked-Etag", '"%s"' % self.HUB.get(name, hashlib.sha256(data).hexdigest()))
+            self.send_header("Content-Length", "0")
+            return self.end_headers()
         data = self.FILES.get(name)
         if data is None:
             return self.send_error(404)
@@ -147,14 +159,15 @@ class FileServer(http.server.BaseHTTPRequestHandler):
             return self.end_headers()
         shown = max(0, start - 100) if kind == "wrongstart" else start  # resumes from the wrong place
         self.send_response(206 if start else 200)
-        self.send_header("Content-Length", str(len(data) - shown))
+        if kind != "nolength":
+            self.send_header("Content-Length", str(len(data) - shown))
         if kind == "gzip" and "gzip" in self.headers.get("Accept-Encoding", ""):
             self.send_header("Content-Encoding", "gzip")
         if start:
             self.send_header("Content-Range", f"bytes {shown}-{len(data) - 1}/{len(data)}")
         self.end_headers()
-        if (kind == "cut" and seen == 1) or kind == "drip":
-            self.wfile.write(data[shown:shown + (len(data) // 2 if kind == "cut" else 100_000)])  # then it drops
+        if (kind in ("cut", "nolength") and seen == 1) or kind == "drip":
+            self.wfile.write(data[shown:shown + (100_000 if kind == "drip" else len(data) // 2)])  # then it drops
             self.close_connection = True
             return
         self.wfile.write(data[shown:])
@@ -612,32 +625,49 @@ def test_bpe_from_hf_tokenizer_json(tmp_path):
 # -----------------------------------------------------------------------------
 # prepare.py
 
-def test_configure(tmp_path):
-    settings = {"dataset": "stdlib", "n_layer": 4, "lr": 1e-3, "compile": True, "betas": (0.9, 0.95),
-                "device": None, "CONSTANT": 1, "_private": 2, "module": np}
-    resolved = prepare.configure(settings, ["--n_layer=6", "--lr=1", "--betas=[0.8, 0.9]", "--dataset=123",
-                                            "--device=cuda", "--compile=False"])
-    assert resolved == {"dataset": "123", "n_layer": 6, "lr": 1.0, "compile": False, "betas": (0.8, 0.9),
-                        "device": "cuda"}
+def test_configure(tmp_path, capsys):
+    defaults = {"dataset": "stdlib", "n_layer": 4, "lr": 1e-3, "compile": True, "betas": (0.9, 0.95),
+                "auto": None, "device": "", "CONSTANT": 1, "_private": 2, "module": np}
+    settings = dict(defaults)
+    given = configure(settings, ["--n_layer=6", "--lr=1", "--betas=[0.8, 0.9]", "--dataset=123",
+                                 "--device=cuda", "--compile=False"])
+    assert given == {"dataset": "123", "n_layer": 6, "lr": 1.0, "compile": False, "betas": (0.8, 0.9),
+                     "device": "cuda"}
     assert settings["n_layer"] == 6 and isinstance(settings["lr"], float)
+    # --key value works as --key=value (`python sample.py --top_p 0.9`), and a bool or auto
+    # (None) setting alone is True; a value may start with one dash
+    settings = dict(defaults)
+    assert configure(settings, ["--n_layer", "6", "--lr", "-2", "--compile", "--auto", "--dataset", "x y"]) == \
+        {"n_layer": 6, "lr": -2.0, "compile": True, "auto": True, "dataset": "x y"}
+    assert configure(dict(defaults), ["--auto", "False", "--compile", "false"]) == {"auto": False, "compile": False}
     config = tmp_path / "x.py"
     config.write_text("import math\nWIDTH = 64\ndef helper(): pass\n"  # not settings: ignored
                       "n_layer = 12\nlr = 3e-4 * math.sqrt(1)\nblock_size = 1024  # a key for another script\n")
     with pytest.raises(SystemExit, match="unknown setting 'block_size' in .*x.py"):
-        prepare.configure(dict(settings), [str(config)])
-    s = dict(settings)
-    prepare.configure(s, [str(config), "--lr=0.5"], others={"block_size"})  # the command line wins
+        configure(dict(defaults), [str(config)])
+    s = dict(defaults)
+    configure(s, [str(config), "--lr", "0.5"], others={"block_size"})  # the command line wins
     assert (s["n_layer"], s["lr"]) == (12, 0.5)
-    prepare.configure(s, ["--lr=inf"])
+    configure(s, ["--lr=inf"])
     assert s["lr"] == float("inf")
     for argv, msg in [(["--n_layers=2"], "unknown setting 'n_layers'.*did you mean n_layer"),
+                      (["--n_layers", "2"], "unknown setting 'n_layers'"),
                       (["--n_layer=2.5"], "'n_layer'.* must be a int"), (["--compile=1"], "'compile'.* must be a bool"),
+                      (["--auto=no"], "'auto'.* must be True, False or None"), (["--auto", "no"], "True, False or None"),
                       (["--lr=fast"], "'lr'.* must be a float"), (["n_layer=2"], "no-such|not found"),
-                      (["--n_layer"], "expected --key=value"), ([str(config), "--n_layer"], "expected --key=value"),
+                      (["--n_layer"], "--n_layer needs a value"), (["--n_layer", "--lr=1"], "--n_layer needs a value"),
+                      ([str(config), "--n_layer"], "needs a value"), (["--lr=1", "2"], "expected --key=value or --key value"),
+                      (["-x"], "expected --key=value"), (["--"], "expected --key=value"),
                       ([str(tmp_path / "bad.py")], "bad.py failed: SyntaxError"), (["--lr=1" + "0" * 400], "must be a float")]:
         (tmp_path / "bad.py").write_text("n_layer = = 2\n")
         with pytest.raises(SystemExit, match=msg):
-            prepare.configure(dict(settings), argv, others=True)
+            configure(dict(defaults), argv, others=True)
+    with pytest.raises(SystemExit) as e:  # --help lists the settings and their defaults
+        configure(dict(defaults, __doc__="a script"), ["--help"])
+    assert e.value.code == 0 and "--n_layer=4" in capsys.readouterr().out
+    check([("x", 1, True, "anything")])
+    with pytest.raises(SystemExit, match=r"error: top_p=1\.5: it must be 0 to 1"):
+        check([("x", 1, True, "anything"), ("top_p", 1.5, False, "0 to 1"), ("y", 0, False, "never reached")])
 
 
 def test_download_full_resumed_and_restarted(server, tmp_path, fast_retries):
@@ -690,6 +720,28 @@ def test_download_errors(server, tmp_path, fast_retries, monkeypatch):
     prepare.download(server.replace("127.0.0.1", "localhost") + "/cut/b.bin", str(tmp_path / "other.bin"))
     auth = {p: a for p, _, a in FileServer.LOG}
     assert auth["/plain/b.bin"] == "Bearer secret" and auth["/cut/b.bin"] is None
+
+
+def test_download_never_keeps_a_short_file(server, tmp_path, fast_retries):
+    data = os.urandom(300_000)
+    FileServer.FILES["n.bin"] = data
+    # no Content-Length, and the connection closes half way: with nothing to check the
+    # length against, the download is refused rather than kept short
+    with pytest.raises(prepare.DownloadError, match="sends no length"):
+        prepare.download(f"{server}/nolength/n.bin", str(tmp_path / "a.bin"))
+    assert not list(tmp_path.iterdir())
+    # a known size makes the short body an error to retry: the second request resumes it
+    FileServer.LOG.clear()
+    path = prepare.download(f"{server}/nolength/n.bin", str(tmp_path / "b.bin"), size=len(data))
+    assert open(path, "rb").read() == data and [r for _, r, _ in FileServer.LOG][1] == "bytes=150000-"
+    # the Hugging Face hub names the size and sha256 on its redirect: enough to check by
+    FileServer.LOG.clear()
+    path = prepare.download(f"{server}/hub/nolength/n.bin", str(tmp_path / "c.bin"))
+    assert open(path, "rb").read() == data and len(FileServer.LOG) == 4  # redirect, cut; redirect, the rest
+    FileServer.HUB["plain/n.bin"] = "0" * 64
+    with pytest.raises(prepare.DownloadError, match="sha256 does not match"):
+        prepare.download(f"{server}/hub/plain/n.bin", str(tmp_path / "d.bin"))
+    assert not (tmp_path / "d.bin").exists()
 
 
 def test_shards_round_trip_and_errors(tmp_path):
@@ -1173,7 +1225,8 @@ def test_train_resume_is_exact(tiny_data, tmp_path):
 
 def test_train_ddp_matches_one_process(tiny_data, tmp_path):
     # the same 256-token steps: 1 process accumulating 2 micro-batches, or 2 processes with 1 each
-    args = ["--max_steps=6", "--log_interval=1", "--eval_interval=3", "--device=cpu"]
+    # eval_tokens=1000 is 31 sequences of 32: 16 and 15 on the two processes, the same val set
+    args = ["--max_steps=6", "--log_interval=1", "--eval_interval=3", "--device=cpu", "--eval_tokens=1000"]
     run, one = train(tiny_data, tmp_path / "one", *args)
     assert run.returncode == 0, run.stderr
     run, two = train(tiny_data, tmp_path / "two", *args, torchrun=2)
@@ -1186,25 +1239,124 @@ def test_train_ddp_matches_one_process(tiny_data, tmp_path):
     assert len(one) == len(two) > 6
 
 
-def test_train_sigterm_writes_a_checkpoint(tiny_data, tmp_path):
-    cmd = [sys.executable, "train.py", f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", *TINY, "--max_steps=100000",
-           "--log_interval=1", "--eval_interval=100000"]
+def train_until(data, out, line_start, *args):
+    """Starts train.py and returns the process once it prints a line starting with line_start."""
+    cmd = [sys.executable, "train.py", f"--data_dir={data}", f"--out_dir={out}", *TINY, "--max_steps=100000",
+           "--log_interval=1", *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        for line in proc.stdout:
-            if line.startswith("step 3/"):
-                break
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0 and "stopped by signal" in out, err
-    step = torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"]
+    for line in proc.stdout:
+        if line.startswith(line_start):
+            return proc
+    proc.kill()
+    raise AssertionError(f"train.py ended before {line_start!r}: {proc.stderr.read()}")
+
+
+def test_train_signals_and_kills_lose_at_most_one_interval(tiny_data, tmp_path):
+    # SIGTERM: a checkpoint, then exit code 128 + 15, so that a job scheduler sees the run did not finish
+    proc = train_until(tiny_data, tmp_path / "a", "step 3/", "--eval_interval=100000")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "stopped by signal 15" in out and "--init_from=resume" in out, err
+    step = model.load_checkpoint(str(tmp_path / "a" / "ckpt.pt"))["step"]
     assert 3 <= step < 100000
-    run, logs = train(tiny_data, tmp_path, f"--max_steps={step + 2}", "--init_from=resume", "--log_interval=1",
+    run, logs = train(tiny_data, tmp_path / "a", f"--max_steps={step + 2}", "--init_from=resume", "--log_interval=1",
                       "--eval_interval=100000")
     assert run.returncode == 0, run.stderr
     assert [r["step"] for r in logs if "loss" in r][-2:] == [step + 1, step + 2]
+    # kill -9: by default a checkpoint is saved at every evaluation, so at most one interval is lost
+    proc = train_until(tiny_data, tmp_path / "b", "step 10: saved", "--eval_interval=5")
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["ckpt.prev.pt", "ckpt.pt", "log.jsonl"]
+    assert [model.load_checkpoint(str(tmp_path / "b" / f))["step"] for f in ("ckpt.pt", "ckpt.prev.pt")] == [10, 5]
+    run, logs = train(tiny_data, tmp_path / "b", "--max_steps=12", "--init_from=resume", "--eval_interval=5")
+    assert run.returncode == 0 and "step 12: saved" in run.stdout and "done: 12 steps" in run.stdout, run.stderr
+
+
+def test_train_never_saves_a_poisoned_checkpoint(tiny_data, tmp_path):
+    run, _ = train(tiny_data, tmp_path, "--max_steps=6", "--eval_interval=3")
+    assert run.returncode == 0 and "step 3: saved" in run.stdout and "step 6: saved" in run.stdout, run.stderr
+    good = model.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    # resumed with a learning rate that blows the weights up: the losses go NaN, and no
+    # checkpoint may replace the good one (before, the step-12 one was saved NaN and sample.py failed)
+    run, _ = train(tiny_data, tmp_path, "--init_from=resume", "--learning_rate=1e9", "--max_steps=12",
+                   "--ckpt_interval=1", "--max_bad_steps=100", "--grad_clip=1e30")
+    assert run.returncode == 0 and "NOT saved: the loss or the weights are not finite" in run.stdout, run.stdout
+    after = model.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert after["step"] >= 6 and all(torch.isfinite(t).all() for t in after["model"].values())
+    if after["step"] == 6:
+        assert all(torch.equal(after["model"][k], good["model"][k]) for k in good["model"])
+    assert sample(tmp_path, "--max_new_tokens=5").returncode == 0
+    # a damaged checkpoint: one line naming it and what to do, for train.py and sample.py alike
+    (tmp_path / "ckpt.pt").write_bytes((tmp_path / "ckpt.pt").read_bytes()[:5000])
+    for run in (train(tiny_data, tmp_path, "--init_from=resume", "--max_steps=20")[0], sample(tmp_path)):
+        assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr
+        assert "ckpt.pt is damaged or cut short" in run.stderr and "ckpt.prev.pt" in run.stderr, run.stderr
+
+
+def test_train_resume_keeps_the_run_as_it_was(tiny_data, tmp_path):
+    run, _ = train(tiny_data, tmp_path / "a", "--max_steps=4", "--eval_interval=2")
+    assert run.returncode == 0, run.stderr
+    resume = [sys.executable, "train.py", "--init_from=resume", f"--out_dir={tmp_path / 'a'}"]
+    # a model setting that differs from the checkpoint's is an error, not silently dropped
+    bad = subprocess.run(resume + ["--n_layer=5", "--n_embd=256", "--max_steps=6"], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert bad.returncode != 0 and "n_layer=5 (the checkpoint's: 2)" in bad.stderr and "n_embd=256" in bad.stderr
+    # settings not given come from the checkpoint (its data_dir, model, batch); max_steps may change
+    ok = subprocess.run(resume + ["--max_steps=6"], cwd=ROOT, capture_output=True, text=True)
+    assert ok.returncode == 0 and "done: 6 steps" in ok.stdout and "n_layer=2" in ok.stdout, ok.stderr
+    # resuming at or past max_steps has nothing to do, and says so
+    done = subprocess.run(resume + ["--max_steps=5"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0 and "nothing to train" in done.stdout, done.stderr
+    assert model.load_checkpoint(str(tmp_path / "a" / "ckpt.pt"))["step"] == 6
+    # data with another tokenizer than the checkpoint's, and a meta.json that contradicts its tokenizer
+    other = tmp_path / "other"
+    shutil.copytree(tiny_data / "stdlib", other / "stdlib")
+    side = json.loads((other / "stdlib" / "tokenizer.bpe.json").read_text())
+    (other / "stdlib" / "tokenizer.bpe.json").write_text(json.dumps(dict(side, pattern=r"\S+|\s+")))
+    run, _ = train(other, tmp_path / "a", "--init_from=resume", "--max_steps=8")
+    assert run.returncode != 0 and "another tokenizer than the checkpoint" in run.stderr, run.stderr
+    meta = json.loads((other / "stdlib" / "meta.json").read_text())
+    (other / "stdlib" / "meta.json").write_text(json.dumps(dict(meta, vocab_size=999)))
+    run, _ = train(other, tmp_path / "c", "--max_steps=2")
+    assert run.returncode != 0 and "meta.json is damaged" in run.stderr and "vocab_size 999" in run.stderr
+    assert "Traceback" not in run.stderr
+    # a run from scratch does not overwrite another run's checkpoint and log, unless asked to
+    log_lines = (tmp_path / "a" / "log.jsonl").read_text().count("\n")
+    run, _ = train(tiny_data, tmp_path / "a", "--max_steps=2")
+    assert run.returncode != 0 and "--init_from=resume" in run.stderr and "--overwrite" in run.stderr
+    assert (tmp_path / "a" / "log.jsonl").read_text().count("\n") == log_lines
+    run, logs = train(tiny_data, tmp_path / "a", "--max_steps=2", "--overwrite", "--eval_interval=2")
+    assert run.returncode == 0 and [r["step"] for r in logs] == [0, 2, 2], run.stderr  # a fresh log
+    assert not (tmp_path / "a" / "ckpt.prev.pt").exists()
+
+
+def test_train_settings_are_checked(tiny_data, tmp_path, monkeypatch):
+    import train as train_py
+    for key, value, msg in [("micro_batch", 0, "1 or more"), ("block_size", 0, "1 or more"),
+                            ("eval_interval", 0, "1 or more"), ("log_interval", 0, "1 or more"),
+                            ("max_steps", -5, "1 or more"), ("total_batch_size", 100, "multiple of micro_batch"),
+                            ("learning_rate", -1.0, "positive"), ("decay_frac", 1.5, "0 to 1"),
+                            ("schedule", "linear", "cosine or wsd"), ("dtype", "bf32", "one of"),
+                            ("ckpt_interval", -1, "0 (at every evaluation)"), ("init_from", "gpt3", "scratch, resume")]:
+        with monkeypatch.context() as mp:
+            mp.setattr(train_py, key, value)
+            with pytest.raises(SystemExit, match=f"error: {key}={value!r}: it must be .*{regex.escape(msg)}"):
+                train_py.check_settings(1)
+    train_py.check_settings(1)  # the defaults pass
+    with pytest.raises(ValueError, match="no cuda device" if not CUDA else "CUDA devices"):
+        model.pick_device("cuda:7" if CUDA else "cuda")
+    with pytest.raises(ValueError, match="not a device"):
+        model.pick_device("gpu")
+    (tmp_path / "file").write_text("")
+    for args, msg in [(["--micro_batch=0"], "micro_batch=0: it must be 1 or more"),
+                      (["--compile=no"], "'compile' in the command line must be True, False or None"),
+                      (["--device", "cpu", "--device=cuda:99"], "device='cuda:99'"),
+                      ([f"--out_dir={tmp_path / 'file' / 'run'}"], "cannot be written"),
+                      (["--dataset=stdlb"], "did you mean 'stdlib'?")]:
+        run = subprocess.run([sys.executable, "train.py", f"--data_dir={tiny_data}", *TINY, *args], cwd=ROOT,
+                             capture_output=True, text=True)
+        assert run.returncode != 0 and msg in run.stderr and "Traceback" not in run.stderr, (args, run.stderr)
 
 
 def test_train_errors(tiny_data, tmp_path):
@@ -1243,8 +1395,10 @@ def test_sample_end_to_end(tiny_checkpoint, tmp_path):
     run = sample(tiny_checkpoint, "--start=def main(", "--max_new_tokens=30", "--num_samples=3")
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("def main(") == 3 and "sample 3" in run.stdout and "tokens/s" in run.stderr
-    again = sample(tiny_checkpoint, "--start=def main(", "--max_new_tokens=30", "--num_samples=3")
+    # the README's own command form, `--key value`
+    again = sample(tiny_checkpoint, "--start", "def main(", "--max_new_tokens", "30", "--num_samples", "3")
     assert again.stdout == run.stdout  # a fixed seed gives the same text
+    assert sample(tiny_checkpoint, "--top_p", "0.9", "--max_new_tokens=5").returncode == 0
     other = sample(tiny_checkpoint, "--start=def main(", "--max_new_tokens=30", "--num_samples=3", "--seed=7")
     assert other.stdout != run.stdout
     # an empty prompt starts from end-of-text; special-token text in a prompt is that token
@@ -1256,6 +1410,27 @@ def test_sample_end_to_end(tiny_checkpoint, tmp_path):
     assert run.returncode == 0 and "only its last 32" in run.stderr
     run = sample(tmp_path / "nothing")
     assert run.returncode != 0 and "python train.py" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_sample_bad_settings_and_inputs(tiny_checkpoint, tmp_path, monkeypatch):
+    import sample as sample_py
+    for key, value, msg in [("top_p", 1.5, "0 to 1"), ("max_new_tokens", -5, "1 or more"), ("top_k", -1, "0 (off)"),
+                            ("num_samples", 0, "1 or more"), ("dtype", "bf32", "one of"),
+                            ("temperature", -1.0, "0 (greedy)")]:
+        with monkeypatch.context() as mp:
+            mp.setattr(sample_py, key, value)
+            with pytest.raises(SystemExit, match=f"error: {key}={value!r}: it must be .*{regex.escape(msg)}"):
+                sample_py.check_settings()
+    sample_py.check_settings()  # the defaults pass
+    offline = dict(os.environ, HF_ENDPOINT="https://no-such-host.invalid")
+    for args, msg, env in [(["--top_p=1.5"], "top_p=1.5: it must be 0 to 1", None),
+                           (["--start=FILE:missing.txt"], "start=FILE:missing.txt: cannot read it", None),
+                           (["--init_from=gpt2"], "no-such-host.invalid is unreachable (offline?)", offline),
+                           (["--init_from=gpt3"], "unknown pretrained model 'gpt3'", None)]:
+        run = subprocess.run([sys.executable, "sample.py", f"--out_dir={tiny_checkpoint}", *args], cwd=ROOT,
+                             capture_output=True, text=True, env=env)
+        assert run.returncode != 0 and msg in run.stderr and "Traceback" not in run.stderr, (args, run.stderr)
+        assert len(run.stderr.strip().splitlines()) == 1, run.stderr  # one line
 
 
 def test_finetune_and_sample_a_pretrained_directory(tmp_path):

@@ -4,11 +4,12 @@ train.py: trains a GPT on prepare.py's shards, on a CPU, one GPU, or many (DDP).
     python train.py                                   # the quickstart: a small model on data/stdlib
     python train.py config/tinystories.py --max_steps=2000
     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_small.py
-    python train.py config/x.py --init_from=resume    # continue out_dir/ckpt.pt
+    python train.py --init_from=resume --out_dir=out/tinystories    # continue its ckpt.pt exactly
 
 Each step sees total_batch_size tokens: micro-batches of micro_batch sequences of
 block_size tokens on every process, accumulated until the step is full. Logs go to
-stdout and out_dir/log.jsonl; checkpoints to out_dir/ckpt.pt (and on Ctrl-C or SIGTERM).
+stdout and out_dir/log.jsonl; checkpoints to out_dir/ckpt.pt at every evaluation, at the
+end, and on Ctrl-C or SIGTERM (then the exit code is 128 + the signal: 130 or 143).
 Read next: sample.py
 """
 import contextlib
@@ -20,6 +21,8 @@ import math
 import os
 import random
 import signal
+import sys
+import tempfile
 import time
 
 import numpy as np
@@ -28,17 +31,20 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bpe
+import model
 import prepare
+from config import check, configure, setting_names
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
-# settings: these defaults, then a config file, then --key=value (prepare.configure)
+# settings: these defaults, then a config file, then --key=value (config/__init__.py)
 # data
 dataset = "stdlib"
 tokenizer = ""  # what prepare.py used (a config file names it for both scripts); "" = the dataset's default
 data_dir = "data"
 out_dir = "out/quickstart"
 init_from = "scratch"  # "scratch", "resume" (out_dir/ckpt.pt), or a pretrained name or directory
+overwrite = False  # start from scratch in an out_dir that holds a checkpoint, deleting it
 # model (GPTConfig; the vocab size comes from the data)
 n_layer = 4
 n_head = 4
@@ -74,14 +80,46 @@ device = ""  # "" picks cuda, then mps, then cpu
 dtype = ""  # "" picks bf16 on CUDA (fp16 where bf16 is missing), fp32 elsewhere
 compile = None  # None: on CUDA only
 eval_interval = 200
-eval_tokens = 170000  # the fixed slice of val tokens each evaluation reads (about all of stdlib's)
+eval_tokens = 170000  # the fixed val tokens each evaluation reads (about all of stdlib's), whatever the process count
 log_interval = 10
-ckpt_interval = 0  # 0: checkpoint only at the end (and on a signal)
+ckpt_interval = 0  # steps between checkpoints; 0: at every evaluation
 seed = 1337
 max_bad_steps = 5  # non-finite losses in a row before training stops
 
+# settings that may differ from the checkpoint's when resuming; every other one must match it
+CHANGE_ON_RESUME = {"init_from", "out_dir", "data_dir", "overwrite", "max_steps", "learning_rate", "min_lr",
+                    "warmup_steps", "schedule", "decay_frac", "weight_decay", "beta1", "beta2", "grad_clip",
+                    "total_batch_size", "micro_batch", "attn", "device", "dtype", "compile", "eval_interval",
+                    "eval_tokens", "log_interval", "ckpt_interval", "max_bad_steps"}
+
+
+def check_settings(world):
+    """Every setting's range, before anything starts; one line names the first bad one."""
+    check([("micro_batch", micro_batch, micro_batch >= 1, "1 or more"),
+           ("block_size", block_size, block_size >= 1, "1 or more"),
+           ("total_batch_size", total_batch_size, total_batch_size >= 1 and
+            total_batch_size % max(1, micro_batch * block_size * world) == 0,
+            f"a positive multiple of micro_batch * block_size * processes = {micro_batch} * {block_size} * {world}"),
+           ("max_steps", max_steps, max_steps >= 1, "1 or more"),
+           ("warmup_steps", warmup_steps, warmup_steps >= 0, "0 or more"),
+           ("learning_rate", learning_rate, 0 < learning_rate < math.inf, "a positive number"),
+           ("min_lr", min_lr, 0 <= min_lr <= learning_rate, f"0 to learning_rate ({learning_rate})"),
+           ("schedule", schedule, schedule in ("cosine", "wsd"), "cosine or wsd"),
+           ("decay_frac", decay_frac, 0 <= decay_frac <= 1, "0 to 1"),
+           ("weight_decay", weight_decay, weight_decay >= 0, "0 or more"),
+           ("beta1", beta1, 0 <= beta1 < 1, "0 to 1 (not 1)"), ("beta2", beta2, 0 <= beta2 < 1, "0 to 1 (not 1)"),
+           ("grad_clip", grad_clip, grad_clip > 0, "a positive number"),
+           ("dtype", dtype, dtype in ("", *model.DTYPES), f"one of {('', *model.DTYPES)}"),
+           ("eval_interval", eval_interval, eval_interval >= 1, "1 or more"),
+           ("eval_tokens", eval_tokens, eval_tokens >= block_size, f"block_size ({block_size}) or more"),
+           ("log_interval", log_interval, log_interval >= 1, "1 or more"),
+           ("ckpt_interval", ckpt_interval, ckpt_interval >= 0, "0 (at every evaluation) or more"),
+           ("max_bad_steps", max_bad_steps, max_bad_steps >= 1, "1 or more"),
+           ("init_from", init_from, init_from in ("scratch", "resume") or init_from in prepare.PRETRAINED
+            or os.path.isdir(init_from), f"scratch, resume, a directory, or one of {', '.join(prepare.PRETRAINED)}")])
+
 # -----------------------------------------------------------------------------
-# Data: shards streamed in order, each process reading its own slice of every step
+# Data: shards streamed in a shuffled order, each process reading its own part of every step
 
 
 class Shards:
@@ -93,12 +131,12 @@ class Shards:
     The position (shard, sequence, pass) goes into checkpoints; after the last shard the
     next pass starts."""
 
-    def __init__(self, directory, split, B, T, rank, world, shuffle, state=None):
+    def __init__(self, directory, split, B, T, rank, world, seed, shuffle=True, state=None):
         self.files = sorted(os.path.join(directory, f) for f in os.listdir(directory)
                             if f.startswith(split + "_") and f.endswith(".bin"))
         if not self.files:
             raise SystemExit(f"error: no {split}_*.bin shards in {directory}; run prepare.py first")
-        self.B, self.T, self.rank, self.world, self.shuffle = B, T, rank, world, shuffle
+        self.B, self.T, self.rank, self.world, self.seed, self.shuffle = B, T, rank, world, seed, shuffle
         self.shard, self.pos, self.epoch = (state["shard"], state["pos"], state["epoch"]) if state else (0, 0, 0)
         self._load()
 
@@ -108,7 +146,7 @@ class Shards:
         if n < self.B * self.world:
             raise SystemExit(f"error: {self.files[self.shard]} has {len(self.tokens)} tokens, fewer than one "
                              f"micro-step needs ({self.B * self.world} x {self.T} + 1); lower micro_batch or block_size")
-        self.order = np.random.default_rng([seed, self.shard, self.epoch]).permutation(n) if self.shuffle \
+        self.order = np.random.default_rng([self.seed, self.shard, self.epoch]).permutation(n) if self.shuffle \
             else np.arange(n)
 
     def next(self):
@@ -125,8 +163,19 @@ class Shards:
         return {"shard": self.shard, "pos": self.pos, "epoch": self.epoch}
 
 
+def val_sequences(directory, T, n):
+    """The val set every evaluation reads: the first n sequences of T + 1 tokens of the val
+    shards, in order (all of them, if there are fewer). The same whatever the process count."""
+    out = []
+    for f in sorted(f for f in os.listdir(directory) if f.startswith("val_") and f.endswith(".bin")):
+        tokens = prepare.read_shard(os.path.join(directory, f))
+        out += [tokens[i * T:(i + 1) * T + 1] for i in range((len(tokens) - 1) // T)][:n - len(out)]
+    if not out:
+        raise SystemExit(f"error: the val shards in {directory} hold fewer than block_size + 1 = {T + 1} tokens")
+    return np.stack(out).astype(np.int64)  # (n, T + 1)
+
 # -----------------------------------------------------------------------------
-# Learning rate, MFU
+# Learning rate, MFU, and a CPU speed trick
 
 
 def lr_at(step):
@@ -167,242 +216,336 @@ def keep_freed_memory():
     libc.mallopt(-3, 2 ** 30)  # M_MMAP_THRESHOLD: serve blocks up to 1 GB from the heap
 
 
-def model_config(vocab_size):
-    """The GPTConfig of these settings: the model settings above are GPTConfig's fields."""
+def model_config(vocab_size, settings=None):
+    """The GPTConfig of these settings (the globals, or a dict of them): the model settings
+    above are GPTConfig's fields."""
+    settings = globals() if settings is None else settings
     fields = {f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size"}
-    return GPTConfig(vocab_size=vocab_size, **{k: v for k, v in globals().items() if k in fields})
+    return GPTConfig(vocab_size=vocab_size, **{k: v for k, v in settings.items() if k in fields})
 
 # -----------------------------------------------------------------------------
 # Checkpoints
 
 
-def save_checkpoint(path, raw_model, optimizer, scaler, step, loader, settings, tokenizer_spec):
-    """Everything needed to continue exactly, written atomically (a temp file, then a rename)."""
+def save_checkpoint(path, raw_model, optimizer, scaler, step, loader, loss, tok_spec):
+    """Everything needed to continue exactly. Not saved, returning False, when a weight or
+    `loss` (what these weights give on some val tokens) is not finite: that would replace
+    the last good checkpoint with a poisoned one. Written whole to ckpt.new.pt, read back,
+    then renamed over ckpt.pt, whose previous version stays as ckpt.prev.pt; so ckpt.pt
+    exists at every moment."""
+    if not math.isfinite(loss) or not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+        return False
     ckpt = {"model": raw_model.state_dict(), "model_config": dataclasses.asdict(raw_model.cfg),
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
-            "data": loader.state(), "settings": settings, "tokenizer": tokenizer_spec,
+            "data": loader.state(), "settings": setting_names(globals()), "tokenizer": tok_spec,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    new, prev = path.replace(".pt", ".new.pt"), path.replace(".pt", ".prev.pt")
+    with bpe.atomic_write(new, "wb") as f:
+        torch.save(ckpt, f)
+    torch.load(new, map_location="cpu", weights_only=False, mmap=True)  # readable, or this raises
+    if os.path.exists(path):  # keep the last good one: a hard link, renamed into place
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(prev + ".tmp")
+        os.link(path, prev + ".tmp")
+        os.replace(prev + ".tmp", prev)
+    os.replace(new, path)
+    return True
 
 
 def tokenizer_spec(directory, name):
-    """What sample.py needs to decode: "gpt2", or a trained BPE's files, stored whole."""
-    if name == "gpt2":
-        return {"name": "gpt2"}
-    files = [name, name + ".json"] if name.endswith(".bpe") else [name]
+    """What sample.py needs to decode: "gpt2", or a tokenizer's files, stored whole."""
+    files = {"gpt2": [], "vocab.json": ["vocab.json", "merges.txt"]}.get(name, [name, name + ".json"]
+                                                                         if name.endswith(".bpe") else [name])
     return {"name": name, "files": {f: open(os.path.join(directory, f), encoding="utf-8").read() for f in files}}
 
+
+def resume_checkpoint(given):
+    """The checkpoint to resume from, with its settings taken back: every setting that the
+    config file or command line did not give comes from the checkpoint, and the given ones
+    must equal the checkpoint's, except those in CHANGE_ON_RESUME."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: init_from=resume, but {path} does not exist; train one first, or check out_dir")
+    ckpt = model.load_checkpoint(path)
+    saved = ckpt["settings"]
+    clash = [f"{k}={given[k]!r} (the checkpoint's: {saved[k]!r})" for k in given
+             if k in saved and k not in CHANGE_ON_RESUME and given[k] != saved[k]]
+    if clash:
+        raise SystemExit(f"error: resuming {path} with other settings than it was trained with: {', '.join(clash)}. "
+                         f"Only these may change on resume: {', '.join(sorted(CHANGE_ON_RESUME))}")
+    globals().update({k: v for k, v in saved.items() if k not in given and k in setting_names(globals())})
+    return ckpt
+
+
+def prepare_out_dir(resuming, master):
+    """out_dir, made and checked writable; a from-scratch run does not overwrite a run there."""
+    ckpt_path, log_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "log.jsonl")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as e:
+        raise SystemExit(f"error: out_dir={out_dir!r} cannot be written ({type(e).__name__}: {e.strerror}); "
+                         "choose another --out_dir") from None
+    if not resuming and os.path.exists(ckpt_path):
+        if not overwrite:
+            raise SystemExit(f"error: {ckpt_path} exists: continue it with --init_from=resume, choose another "
+                             "--out_dir, or pass --overwrite to delete it and start over")
+        for f in (ckpt_path, ckpt_path.replace(".pt", ".prev.pt"), log_path) if master else ():
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(f)
+
 # -----------------------------------------------------------------------------
+# The steps of a run: setup, data, model and optimizer, evaluation, then the loop in main()
 
 
-def main():
-    settings = configure_run()
-    ddp = int(os.environ.get("RANK", -1)) != -1  # started by torchrun
-    if ddp:
-        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    else:
-        rank, world, local = 0, 1, 0
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else
-                                  "mps" if torch.backends.mps.is_available() else "cpu"))
+def setup_distributed():
+    """(ddp, rank, world, device): one process, or one of torchrun's; seeded and tuned."""
+    ddp = "RANK" in os.environ  # started by torchrun
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")) if ddp else (0, 1, 0)
+    dev = model.pick_device(device)
     if dev.type == "cuda":
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     if ddp:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    master = rank == 0
-    log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
     torch.manual_seed(seed)
     if dev.type == "cpu":
         keep_freed_memory()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return ddp, rank, world, dev
 
-    # --- data ---
+
+def load_data(ckpt):
+    """The data directory, its meta.json and tokenizer, and the tokenizer's files (for
+    checkpoints), or what to run to prepare them. A resumed run must use the same tokenizer."""
     directory = os.path.join(data_dir, dataset)
-    meta_path = os.path.join(directory, "meta.json")
-    if not os.path.exists(meta_path):
+    if not os.path.exists(os.path.join(directory, "meta.json")):
+        if dataset not in prepare.DATASETS:
+            import difflib
+            close = difflib.get_close_matches(dataset, prepare.DATASETS, n=1)
+            raise SystemExit(f"error: unknown dataset {dataset!r} (no {directory}/meta.json)"
+                             f"{f'; did you mean {close[0]!r}?' if close else ''} Known: {', '.join(prepare.DATASETS)}")
         command = f"python prepare.py --dataset={dataset}" + (f" --tokenizer={tokenizer}" if tokenizer else "")
-        raise SystemExit(f"error: {meta_path} not found: prepare the data first with\n    {command}")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    tokens_per_micro = micro_batch * block_size * world
-    if total_batch_size % tokens_per_micro:
-        raise SystemExit(f"error: total_batch_size={total_batch_size} must be a multiple of micro_batch * block_size "
-                         f"* processes = {micro_batch} * {block_size} * {world} = {tokens_per_micro}")
-    accum = total_batch_size // tokens_per_micro
-
-    # --- model and optimizer ---
-    ckpt = None
-    if init_from == "resume":
-        path = os.path.join(out_dir, "ckpt.pt")
-        if not os.path.exists(path):
-            raise SystemExit(f"error: init_from=resume, but {path} does not exist")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        model = GPT(GPTConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
-    elif init_from == "scratch":
-        model = GPT(model_config(meta["vocab_size"]))
-    else:  # fine-tuning pretrained weights: the data must use the model's tokenizer
-        model = GPT.from_pretrained(init_from, attn=attn)
-        if meta["vocab_size"] > model.cfg.vocab_size or block_size > model.cfg.block_size:
-            raise SystemExit(f"error: {init_from} has {model.cfg.vocab_size} tokens and block_size "
-                             f"{model.cfg.block_size}; the data has {meta['vocab_size']} tokens and block_size is "
-                             f"{block_size}: prepare the data with the model's tokenizer")
-    if block_size > model.cfg.block_size:
-        raise SystemExit(f"error: block_size={block_size}, but the model was built for {model.cfg.block_size}")
-    model.to(dev)
-    log(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.cfg}")
-    # weight decay on matrices only: not on norms and biases, nor (by default) the embeddings
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (decay if p.dim() >= 2 and (decay_embeddings or name not in ("wte.weight", "wpe.weight")) else no_decay).append(p)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=learning_rate, betas=(beta1, beta2), fused=dev.type == "cuda")
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[dtype or (
-        "fp32" if dev.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16")]
-    autocast = torch.autocast(dev.type, dtype=amp) if amp else contextlib.nullcontext()
-    scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)  # fp16 needs loss scaling
-    step = 0
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
-        rng = ckpt["rng"]
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-    raw_model = model
-    if dev.type == "cuda" if compile is None else compile:
-        model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[local] if dev.type == "cuda" else None)
-    train_data = Shards(directory, "train", micro_batch, block_size, rank, world, True, ckpt["data"] if ckpt else None)
+        raise SystemExit(f"error: {directory}/meta.json not found: prepare the data first with\n    {command}")
+    meta, enc = prepare.load_meta(directory)
     spec = tokenizer_spec(directory, meta["tokenizer"])
-    enc = bpe.load_tokenizer(meta["tokenizer"], directory)
+    if ckpt is not None and ckpt["tokenizer"] != spec:
+        raise SystemExit(f"error: {directory} was tokenized with another tokenizer than the checkpoint in {out_dir} "
+                         f"({meta['tokenizer']}, {meta['vocab_size']} tokens): resume on the data it was trained on")
+    return directory, meta, enc, spec
+
+
+def build_model(meta, ckpt, dev):
+    """The model: from the checkpoint, from scratch, or pretrained weights to fine-tune."""
+    if ckpt is not None:
+        m = model.model_from_checkpoint(ckpt)
+    elif init_from == "scratch":
+        m = GPT(model_config(meta["vocab_size"]))
+    else:  # fine-tuning: the data must use the model's tokenizer
+        m = GPT.from_pretrained(init_from, attn=attn)
+    if meta["vocab_size"] > m.cfg.vocab_size:
+        raise SystemExit(f"error: the data has {meta['vocab_size']} tokens, the model {m.cfg.vocab_size}: "
+                         "prepare the data with the model's tokenizer")
+    if block_size > m.cfg.block_size:
+        raise SystemExit(f"error: block_size={block_size}, but the model was built for {m.cfg.block_size}")
+    return m.to(dev)
+
+
+def make_optimizer(m, dev):
+    """AdamW, with weight decay on matrices only: not on norms and biases, nor (by default)
+    the embeddings."""
+    decay, no_decay = [], []
+    for name, p in m.named_parameters():
+        (decay if p.dim() >= 2 and (decay_embeddings or name not in ("wte.weight", "wpe.weight")) else no_decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=learning_rate, betas=(beta1, beta2), fused=dev.type == "cuda")
+
+
+def mixed_precision(dev):
+    """(dtype, autocast context, loss scaler): bf16 autocast on CUDA, fp16 with a scaler
+    where bf16 is missing, plain fp32 elsewhere."""
+    amp = model.pick_dtype(dev, dtype)
+    autocast = torch.autocast(dev.type, dtype=amp) if amp != torch.float32 else contextlib.nullcontext()
+    return amp, autocast, torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
+
+
+def restore(ckpt, optimizer, scaler):
+    """The optimizer, the loss scaler and every RNG as they were at the checkpoint."""
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    rng = ckpt["rng"]
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def train_step(train_model, raw_model, optimizer, scaler, data, accum, autocast, dev, ddp, eot):
+    """One step: gradients accumulated over `accum` micro-batches, clipped, then one update,
+    skipped when the gradient is not finite. Returns the step's mean loss (a tensor, so
+    that the GPU need not wait for it), the gradient norm, and whether it updated."""
+    loss_sum = torch.zeros((), device=dev)
+    for micro in range(accum):
+        x, y = data.next()
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        # gradients are averaged across processes only after the last micro-step
+        sync = train_model.no_sync() if ddp and micro < accum - 1 else contextlib.nullcontext()
+        with sync, autocast:
+            _, loss = train_model(x, y, doc_starts=(x == eot) if doc_mask else None)
+            loss = loss / accum  # so the step's gradient is the mean over all its micro-batches
+        scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+    ok = bool(torch.isfinite(grad_norm)) or scaler.is_enabled()  # with fp16, the scaler skips such steps itself
+    if ok:
+        scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm, ok
+
+
+@torch.no_grad()
+def evaluate(m, val, n_bytes, autocast, eot, rank, world, ddp):
+    """Mean val loss and bits per byte over the fixed val set, split across processes:
+    process `rank` takes every world-th sequence. m must not be DDP-wrapped: processes
+    may run different numbers of micro-batches."""
+    m.eval()
+    dev = n_bytes.device
+    total = torch.zeros(3, dtype=torch.float64, device=dev)  # nats, target tokens, bytes
+    mine = torch.from_numpy(val[rank::world])
+    for i in range(0, len(mine), micro_batch):
+        x, y = mine[i:i + micro_batch, :-1].to(dev), mine[i:i + micro_batch, 1:].to(dev)
+        with autocast:
+            _, loss = m(x, y, doc_starts=(x == eot) if doc_mask else None)
+        total += torch.stack([loss.double() * y.numel(), torch.tensor(float(y.numel()), device=dev),
+                              n_bytes[y].sum().double()])
+    if ddp:
+        dist.all_reduce(total)
+    m.train()
+    nats, count, nb = total.tolist()
+    return nats / count, nats / math.log(2) / max(nb, 1)
+
+
+def gzip_bpb(val, enc, eot):
+    """What gzip -9 does on the same val text: the bar to beat, in bits per byte."""
+    text = enc.decode_bytes([t for t in val[:, 1:].flatten().tolist() if t != eot])
+    return len(gzip.compress(text, 9)) * 8 / max(len(text), 1)
+
+# -----------------------------------------------------------------------------
+
+
+def main():
+    given = configure(globals(), others=setting_names(vars(prepare)))  # a config file may hold prepare.py's too
+    ckpt = resume_checkpoint(given) if init_from == "resume" else None
+    check_settings(int(os.environ.get("WORLD_SIZE", "1")))
+    ddp, rank, world, dev = setup_distributed()
+    master = rank == 0
+    log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
+    directory, meta, enc, spec = load_data(ckpt)
+    if ckpt is not None and ckpt["step"] >= max_steps:
+        log(f"{out_dir}/ckpt.pt is at step {ckpt['step']}, and max_steps={max_steps}: nothing to train. "
+            "Raise max_steps to go on.")
+        return
+    prepare_out_dir(ckpt is not None, master)
+
+    # the model, its optimizer and precision; compiled on CUDA, wrapped in DDP under torchrun
+    raw_model = build_model(meta, ckpt, dev)
+    log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {raw_model.cfg}")
+    optimizer = make_optimizer(raw_model, dev)
+    amp, autocast, scaler = mixed_precision(dev)
+    if ckpt is not None:
+        restore(ckpt, optimizer, scaler)
+    fast_model = torch.compile(raw_model) if (dev.type == "cuda" if compile is None else compile) else raw_model
+    train_model = DDP(fast_model, device_ids=[dev.index] if dev.type == "cuda" else None) if ddp else fast_model
+
+    # the data: training shards, the fixed val set, and each token's bytes for bits per byte
+    accum = total_batch_size // (micro_batch * block_size * world)
+    train_data = Shards(directory, "train", micro_batch, block_size, rank, world, seed,
+                        state=ckpt["data"] if ckpt else None)
+    val = val_sequences(directory, block_size, eval_tokens // block_size)
+    n_bytes = torch.from_numpy(prepare.token_bytes(enc)).to(dev)
     eot = meta["eot_id"]
-    # bits per byte: each target token stands for its bytes of text (the end-of-text marker for none)
-    token_bytes = torch.tensor([0 if i == eot else len(enc.decode_single_token_bytes(i))
-                                for i in range(meta["vocab_size"])], dtype=torch.float64)
-    eval_micro = max(1, eval_tokens // (micro_batch * block_size * world))
+    log(f"val: {val.size - len(val):,} tokens; gzip -9 on their text: {gzip_bpb(val, enc, eot):.4f} bits per byte")
 
-    def evaluate():
-        """Mean val loss and bits per byte over a fixed slice: the first eval_micro micro-batches."""
-        model.eval()
-        data, total = Shards(directory, "val", micro_batch, block_size, rank, world, False), torch.zeros(3, device=dev)
-        with torch.no_grad():
-            for _ in range(eval_micro):
-                x, y = data.next()
-                x, y = x.to(dev), y.to(dev)
-                with autocast:
-                    _, loss = model(x, y, doc_starts=(x == eot) if doc_mask else None)
-                total += torch.stack([loss.double() * y.numel(), torch.tensor(y.numel(), device=dev),
-                                      token_bytes[y.cpu()].sum().to(dev)]).float()
-        if ddp:
-            dist.all_reduce(total)
-        model.train()
-        nats, count, n_bytes = total.tolist()
-        return nats / count, nats / math.log(2) / max(n_bytes, 1)
-
-    # what gzip -9 does on the same val text, as the bar to beat
-    val = Shards(directory, "val", micro_batch, block_size, 0, 1, False)
-    text = enc.decode_bytes([t for _ in range(eval_micro * world) for t in val.next()[1].flatten().tolist() if t != eot])
-    gzip_bpb = len(gzip.compress(text, 9)) * 8 / max(len(text), 1)
-
-    # --- signals: a checkpoint, then exit ---
+    # Ctrl-C and SIGTERM: finish the step, save a checkpoint, exit
     stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        stop["signal"] = signum
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
 
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    os.makedirs(out_dir, exist_ok=True)
-    log_file = open(os.path.join(out_dir, "log.jsonl"), "a") if master else None
-    peak = peak_flops(dev)
-    flops_per_step = raw_model.flops_per_token(block_size) * total_batch_size
+    log_file = open(os.path.join(out_dir, "log.jsonl"), "a" if ckpt else "w") if master else None
+    flops_per_step, peak = raw_model.flops_per_token(block_size) * total_batch_size, peak_flops(dev)
     log(f"{accum} micro-steps of {micro_batch} x {block_size} tokens per step on {world} process(es), {dev}, "
-        f"{amp or torch.float32}; settings: {settings}")
+        f"{amp}; settings: {setting_names(globals())}")
+    step = start = ckpt["step"] if ckpt else 0
     bad_steps, t0, logged = 0, time.time(), step
     while True:
-        if step % eval_interval == 0 or step == max_steps:
-            val_loss, val_bpb = evaluate()
-            log(f"step {step}: val loss {val_loss:.4f}, val bits per byte {val_bpb:.4f} (gzip -9: {gzip_bpb:.4f})")
-            if master:
-                log_file.write(json.dumps({"step": step, "val_loss": val_loss, "val_bpb": val_bpb}) + "\n")
-                log_file.flush()
-            t0 = time.time()  # evaluation time is not training time
-            logged = step
-        if step == max_steps or stop["signal"]:
+        last_step = step >= max_steps
+        # once in a while, and at the end: the val loss and bits per byte
+        if (step % eval_interval == 0 or last_step) and not stop["signal"]:
+            log(f"step {step}: evaluating on {val.size - len(val):,} val tokens ...")
+            val_loss, val_bpb = evaluate(fast_model, val, n_bytes, autocast, eot, rank, world, ddp)
+            log(f"step {step}: val loss {val_loss:.4f}, val bits per byte {val_bpb:.4f}")
+            write_log(log_file, {"step": step, "val_loss": val_loss, "val_bpb": val_bpb})
+            t0, logged = time.time(), step  # evaluation time is not training time
+        # at every evaluation (or every ckpt_interval steps), at the end and on a signal: a checkpoint
+        if master and step > start and (step % (ckpt_interval or eval_interval) == 0 or last_step or stop["signal"]):
+            with torch.no_grad(), autocast:  # the loss these weights give, as a health check
+                probe = torch.from_numpy(val[:micro_batch]).to(dev)
+                probe_loss = float(fast_model(probe[:, :-1], probe[:, 1:])[1])
+            saved = save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, train_data, probe_loss, spec)
+            log(f"step {step}: " + (f"saved {ckpt_path}" if saved else "NOT saved: the loss or the weights are not "
+                                    f"finite; {ckpt_path} keeps the last good one"))
+        if last_step or stop["signal"]:
             break
+
+        # one training step
         lr = lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=dev)
-        for micro in range(accum):
-            x, y = train_data.next()
-            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            # gradients are averaged across processes only after the last micro-step
-            sync = contextlib.nullcontext() if not ddp or micro == accum - 1 else model.no_sync()
-            with sync, autocast:
-                _, loss = model(x, y, doc_starts=(x == eot) if doc_mask else None)
-                loss = loss / accum  # so the step's gradient is the mean over all its micro-batches
-            scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
-        if torch.isfinite(grad_norm) or scaler.is_enabled():  # with fp16, the scaler skips such steps itself
-            scaler.step(optimizer)
-            bad_steps = 0
-        else:
-            bad_steps += 1
-            log(f"step {step}: the gradient is not finite (loss {loss_sum.item()}); update skipped")
-            if bad_steps >= max_bad_steps:
-                raise SystemExit(f"error: {bad_steps} steps in a row had non-finite gradients; lower learning_rate, "
-                                 "or resume from the last checkpoint")
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        loss, grad_norm, ok = train_step(train_model, raw_model, optimizer, scaler, train_data, accum, autocast, dev,
+                                         ddp, eot)
+        bad_steps = 0 if ok else bad_steps + 1
+        if not ok:
+            log(f"step {step}: the gradient is not finite (loss {loss.item()}); update skipped")
+        if bad_steps >= max_bad_steps:
+            raise SystemExit(f"error: {bad_steps} steps in a row had non-finite gradients; lower learning_rate, "
+                             f"or resume from the last checkpoint, {ckpt_path}")
         step += 1
+
+        # once in a while: log; under DDP, the processes also agree here on stopping for a signal
         if step % log_interval == 0 or step == max_steps or (stop["signal"] and not ddp):
-            if ddp:  # the mean loss over processes; and every process stops at the same step
-                flags = torch.tensor([loss_sum.item(), float(stop["signal"] or 0)], device=dev)
+            if ddp:
+                flags = torch.tensor([loss.item(), float(stop["signal"] or 0)], device=dev)
                 dist.all_reduce(flags)
-                loss_sum, stop["signal"] = flags[0] / world, int(flags[1]) or None
-            dt = (time.time() - t0) / (step - logged)
-            t0, logged = time.time(), step
-            tps = total_batch_size / dt
+                loss, stop["signal"] = flags[0] / world, int(flags[1]) or None
+            dt, t0, logged = (time.time() - t0) / (step - logged), time.time(), step
             mfu = flops_per_step / dt / peak / world if peak else None
-            log(f"step {step}/{max_steps} | loss {float(loss_sum):.4f} | lr {lr:.2e} | norm {float(grad_norm):.3f} | "
-                f"{tps:,.0f} tok/s | {dt * 1e3:.0f} ms | mfu {f'{mfu:.1%}' if mfu else 'n/a'}")
-            if master:
-                log_file.write(json.dumps({"step": step, "loss": float(loss_sum), "lr": lr, "grad_norm": float(grad_norm),
-                                           "tokens_per_s": tps, "step_ms": dt * 1e3, "mfu": mfu}) + "\n")
-                log_file.flush()
-        if master and (step == max_steps or stop["signal"] or (ckpt_interval and step % ckpt_interval == 0)):
-            save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, train_data, settings, spec)
-    if stop["signal"]:
-        log(f"stopped by signal {stop['signal']} at step {step}; the checkpoint is {ckpt_path}")
+            log(f"step {step}/{max_steps} | loss {float(loss):.4f} | lr {lr:.2e} | norm {float(grad_norm):.3f} | "
+                f"{total_batch_size / dt:,.0f} tok/s | {dt * 1e3:.0f} ms | mfu {f'{mfu:.1%}' if mfu else 'n/a'}")
+            write_log(log_file, {"step": step, "loss": float(loss), "lr": lr, "grad_norm": float(grad_norm),
+                                 "tokens_per_s": total_batch_size / dt, "step_ms": dt * 1e3, "mfu": mfu})
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
+    if stop["signal"]:
+        log(f"stopped by signal {stop['signal']} at step {step}; continue with --init_from=resume --out_dir={out_dir}")
+        sys.exit(128 + stop["signal"])
+    log(f"done: {step} steps; the checkpoint is {ckpt_path}")
 
 
-def configure_run():
-    # a config file may also hold prepare.py's settings (num_shards, ...): they are skipped here
-    settings = prepare.configure(globals(), others=prepare.setting_names(vars(prepare)))
-    for key, choices in [("schedule", ("cosine", "wsd")), ("dtype", ("", "bf16", "fp16", "fp32"))]:
-        if globals()[key] not in choices:
-            raise SystemExit(f"error: {key}={globals()[key]!r}: choose one of {choices}")
-    return settings
+def write_log(log_file, row):
+    if log_file is not None:  # the master process's
+        log_file.write(json.dumps(row) + "\n")
+        log_file.flush()
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, prepare.DownloadError) as e:
+    except (ValueError, FileNotFoundError, prepare.DownloadError) as e:
         raise SystemExit(f"train.py: error: {e}") from None
