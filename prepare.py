@@ -15,6 +15,7 @@ reader sits beside the writer (read_shard; train.py streams shards with it). The
 settings come from config/ (configure).
 Read next: model.py
 """
+import codecs
 import difflib
 import gzip
 import hashlib
@@ -35,13 +36,20 @@ from config import check, configure, setting_names
 
 # -----------------------------------------------------------------------------
 # settings: these defaults, then a config file, then --key=value (config/__init__.py)
-dataset = "stdlib"  # a name in DATASETS below
+dataset = "stdlib"  # a name in DATASETS below, or your own data: a text file, a folder, or a .jsonl (read_docs)
 tokenizer = ""  # "gpt2", or "bpe:N" to train an N-token BPE on the train split; "" = the dataset's own
 data_dir = "data"  # shards go to data_dir/dataset/
 shard_size = 100_000_000  # tokens per shard, as llm.c
 num_shards = 8  # fineweb: train shards to download (about 100M tokens each)
 max_docs = 0  # documents per split, 0 = all (for quick tests)
 workers = 0  # processes for tokenizing, 0 = all cores
+text_field = "text"  # JSONL files: the field that holds each document's text
+val_fraction = 0.01  # your own data: the share of documents held out as val (by a hash of each)
+# decontamination: training documents that contain evaluation examples are dropped (Tulu 3's rule)
+decontaminate = ""  # evaluation sets, comma-separated: "val" (this dataset's), a prepared dataset (data/x),
+#   files or folders; "none"; "" = the dataset's default (eval_sets)
+ngram = 8  # tokens per n-gram
+overlap = 0.5  # a document is dropped when it covers more than this share of an example's tokens with n-grams
 
 # -----------------------------------------------------------------------------
 # The datasets: where each one's text or shards come from, and its default tokenizer
@@ -302,19 +310,96 @@ def stdlib_docs(split):
                 yield f.read().decode("utf-8", errors="replace")
 
 
-def text_file_docs(path):
+def _text_blocks(path, strict):
+    """The text of a (maybe gzipped) UTF-8 file in blocks of about 1 MB. strict: bytes that
+    are not UTF-8 are an error naming the file and the byte offset (your own data: you
+    decide); else they become U+FFFD (downloaded web text)."""
+    utf8 = codecs.getincrementaldecoder("utf-8")("strict" if strict else "replace")
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        done = 0  # bytes read so far; the decoder may hold the first bytes of a character back
+        while True:
+            data = f.read(1 << 20)
+            held = len(utf8.getstate()[0])
+            try:
+                yield utf8.decode(data, final=not data)
+            except UnicodeDecodeError as e:
+                where = f"byte {done - held + e.start}" + (" (uncompressed)" if path.endswith(".gz") else "")
+                raise ValueError(f"{path}: not valid UTF-8 near {where} ({e.reason}); convert it to UTF-8") from None
+            if not data:
+                return
+            done += len(data)
+
+
+def _lines(path):
+    """The lines of a UTF-8 file, streamed."""
+    buf = ""
+    for block in _text_blocks(path, strict=True):
+        *lines, buf = (buf + block).split("\n")
+        yield from lines
+    yield buf
+
+
+def text_file_docs(path, strict=False):
     """Documents of a (maybe gzipped) text file separated by <|endoftext|>, streamed."""
     buf = ""
-    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8", errors="replace") as f:
-        while block := f.read(1 << 20):
-            *docs, buf = (buf + block).split(bpe.EOT)
-            yield from (d.strip() for d in docs if d.strip())
+    for block in _text_blocks(path, strict):
+        *docs, buf = (buf + block).split(bpe.EOT)
+        yield from (d.strip() for d in docs if d.strip())
     if buf.strip():
         yield buf.strip()
 
 
+def read_docs(path):
+    """Your own documents: a text file (maybe .gz) split on <|endoftext|>, a folder of text
+    files (one document each, in sorted order), or a JSONL file whose lines hold the text
+    in text_field. Errors name the file, and the line or byte."""
+    if os.path.isdir(path):
+        files = sorted(os.path.join(d, f) for d, dirs, fs in os.walk(path) for f in fs if not f.startswith("."))
+        for f in files:
+            text = "".join(_text_blocks(f, strict=True)).strip()
+            if text:
+                yield text
+    elif path.endswith((".jsonl", ".jsonl.gz")):
+        for n, line in enumerate(_lines(path), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                text = row[text_field]
+            except (ValueError, KeyError, TypeError) as e:
+                what = f"no field {text_field!r} (set text_field)" if isinstance(e, (KeyError, TypeError)) \
+                    else f"not JSON ({e})"
+                raise ValueError(f"{path}, line {n}: {what}") from None
+            if not isinstance(text, str):
+                raise ValueError(f"{path}, line {n}: {text_field!r} holds a {type(text).__name__}, not text")
+            if text.strip():
+                yield text
+    else:
+        yield from text_file_docs(path, strict=True)
+
+
+def own_docs(split):
+    """The documents of a split of your own data: each goes to val with probability
+    val_fraction, by a hash of its text, so the split is the same on every run."""
+    for doc in read_docs(dataset):
+        h = int.from_bytes(hashlib.sha1(doc.encode("utf-8", "surrogatepass")).digest()[:8], "little")
+        if (h < val_fraction * 2 ** 64) == (split == "val"):
+            yield doc
+
+
+def dataset_name(name_or_path):
+    """The directory name under data_dir: a named dataset's name, or a file's or folder's
+    name without its extensions (my/corpus.txt.gz -> corpus)."""
+    if name_or_path in DATASETS:
+        return name_or_path
+    return os.path.basename(os.path.normpath(name_or_path)).split(".")[0] or "data"
+
+
 def documents(split):
     """The documents of a split of the dataset, downloading what is needed."""
+    if dataset not in DATASETS:
+        yield from own_docs(split)
+        return
     info, raw = DATASETS[dataset], os.path.join(data_dir, dataset, "raw")
     if dataset == "stdlib":
         yield from stdlib_docs(split)
@@ -328,71 +413,247 @@ def documents(split):
 
 
 # -----------------------------------------------------------------------------
+# Decontamination: no training document may hold an evaluation example
+#
+# The rule of Tulu 3 (Ivison et al. 2024): an evaluation example is split into n-grams of
+# `ngram` tokens; a training document overlaps the example when the example's n-grams that
+# also occur in that one document cover more than `overlap` of the example's tokens; such
+# a document is dropped. Speed tricks: an n-gram is a 64-bit hash (sum of token * P^i, mod
+# 2^64, in numpy), not a tuple; a bit table of the hashes' low bits drops most of a
+# document's n-grams in one lookup each, and the rest are found by binary search in the
+# sorted hashes of all evaluation n-grams. Two different n-grams share a hash with odds of
+# about 1 in 2^64 per pair: negligible at any size here.
+
+HASH_P = np.uint64(0x9E3779B97F4A7C15)  # an odd 64-bit multiplier
+
+
+def ngram_hashes(tokens, n):
+    """(len - n + 1,) uint64: the hash of every window of n tokens."""
+    t = np.asarray(tokens, dtype=np.uint64)
+    if len(t) < n:
+        return np.zeros(0, np.uint64)
+    powers = HASH_P ** np.arange(n, dtype=np.uint64)  # wraps mod 2^64, as the sum does
+    return (np.lib.stride_tricks.sliding_window_view(t, n) * powers).sum(axis=1, dtype=np.uint64)
+
+
+def eval_index(examples, n):
+    """The n-grams of evaluation examples (lists of token ids), for overlaps(): their sorted
+    hashes, and for each the example it is in and its start there; and each example's
+    length and evaluation set. Examples shorter than n tokens have no n-gram to match."""
+    hashes, example, start = [], [], []
+    for i, (_, tokens) in enumerate(examples):
+        h = ngram_hashes(tokens, n)
+        hashes.append(h)
+        example.append(np.full(len(h), i, np.int64))
+        start.append(np.arange(len(h)))
+    h = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
+    order = np.argsort(h, kind="stable")
+    # which low bits occur: about 16 slots per n-gram (at most 2^26), so most misses take one lookup
+    seen = np.zeros(1 << min(26, max(10, (16 * len(h)).bit_length())), bool)
+    seen[h & np.uint64(len(seen) - 1)] = True
+    return {"hashes": h[order], "seen": seen, "example": np.concatenate(example or [np.zeros(0, np.int64)])[order],
+            "start": np.concatenate(start or [np.zeros(0, np.int64)])[order],
+            "length": np.array([len(t) for _, t in examples], np.int64),
+            "set": np.array([s for s, _ in examples], np.int64)}
+
+
+def overlaps(tokens, index, n, limit):
+    """The evaluation sets that this training document overlaps: those of the examples whose
+    tokens it covers for more than `limit` of them, with n-grams that occur in it.
+
+        an example of 10 tokens, n = 3: a document holding its tokens 0..5 has the
+        example's n-grams starting at 0..3, which cover tokens 0..5: 6/10 > 0.5, dropped"""
+    h, table, seen = ngram_hashes(tokens, n), index["hashes"], index["seen"]
+    h = h[seen[h & np.uint64(len(seen) - 1)]]  # speed trick: a bit table drops most n-grams in one lookup
+    if not len(h):
+        return set()  # the common case: no evaluation n-gram at all
+    h = np.unique(h)
+    lo, hi = np.searchsorted(table, h, "left"), np.searchsorted(table, h, "right")
+    counts = hi - lo
+    # every occurrence in the evaluation examples of an n-gram of this document
+    ends = np.cumsum(counts)
+    occ = np.repeat(lo - ends + counts, counts) + np.arange(ends[-1])
+    example, start = index["example"][occ], index["start"][occ]
+    # the tokens each touched example has covered: +1 where an n-gram starts, -1 where it ends
+    touched, which = np.unique(example, return_inverse=True)
+    length = index["length"][touched]
+    offset = np.concatenate([[0], np.cumsum(length)])
+    at = offset[which] + start
+    depth = np.cumsum(np.bincount(at, minlength=offset[-1] + 1) - np.bincount(at + n, minlength=offset[-1] + 1))
+    covered = np.add.reduceat((depth[:-1] > 0).astype(np.int64), offset[:-1])
+    return set(index["set"][touched[covered > limit * length]].tolist())
+
+
+def eval_examples(name, enc):
+    """The examples of an evaluation set, as token ids: "val" (this dataset's own val
+    split), a prepared dataset's directory (its val split, by its end-of-text tokens), or
+    a file or folder of your own (read_docs)."""
+    if name == "val":
+        return [enc.encode_ordinary(d) for d in limited(documents("val"))]
+    if os.path.exists(os.path.join(name, "meta.json")):
+        meta, theirs = load_meta(name)
+        tokens = np.concatenate([read_shard(os.path.join(name, f)) for f in sorted(os.listdir(name))
+                                 if f.startswith("val_") and f.endswith(".bin")])
+        docs = np.split(tokens, np.flatnonzero(tokens == meta["eot_id"]))  # each starts at its end-of-text token
+        # as text, then in our tokens: the n-grams must be ours, whatever tokenizer made the shards
+        return [enc.encode_ordinary(theirs.decode(d[d != meta["eot_id"]].tolist())) for d in docs if len(d) > 1]
+    if not os.path.exists(name):
+        raise ValueError(f"decontaminate: {name} is not a file, a folder, a prepared dataset, nor 'val'")
+    return [enc.encode_ordinary(d) for d in read_docs(name)]
+
+
+def eval_sets():
+    """The evaluation sets to decontaminate against: the setting's, or else the dataset's
+    own val split, for datasets of many documents (not one text, not pre-tokenized shards)."""
+    chosen = decontaminate or ("none" if {"text", "shards"} & set(DATASETS.get(dataset, {})) else "val")
+    return [] if chosen == "none" else [x.strip() for x in chosen.split(",") if x.strip()]
+
+
+def build_eval_index(enc, out):
+    """The index of every evaluation set, saved to out/ for the tokenizing workers; (its
+    path, the per-set table rows to fill in)."""
+    names, examples, rows = eval_sets(), [], []
+    for i, name in enumerate(names):
+        tokens = eval_examples(name, enc)
+        examples += [(i, t) for t in tokens if len(t) >= ngram]
+        rows.append({"name": name, "examples": len(tokens), "checked": sum(len(t) >= ngram for t in tokens),
+                     "removed_documents": 0, "removed_tokens": 0})
+    path = os.path.join(out, "eval_index.npz")
+    with bpe.atomic_write(path, "wb") as f:
+        np.savez(f, **eval_index(examples, ngram))
+    return path, rows
+
+
+_indexes = {}  # per process: path -> the evaluation index
+
+
+def _index(path):
+    if path not in _indexes:
+        with np.load(path) as z:
+            _indexes[path] = {k: z[k] for k in z.files}
+    return _indexes[path]
+
+
+# -----------------------------------------------------------------------------
 # Tokenizing
 
 
 _encoders = {}  # per process: (spec, directory) -> encoding
 
 
-def _encode_docs(docs, spec, directory, eot, dtype):
-    """Runs in a worker: [eot] + ids of each document, and the counts for meta.json."""
+def _encode_docs(docs, spec, directory, eot, dtype, decon):
+    """Runs in a worker: [eot] + ids of each document, and the counts for meta.json. With
+    decon = (evaluation index file, ngram, overlap), a document that overlaps an evaluation
+    example is dropped, and noted as (the sets it overlaps, its tokens, its bytes)."""
     enc = _encoders.get((spec, directory)) or _encoders.setdefault((spec, directory), bpe.load_tokenizer(spec, directory))
-    ids = []
+    ids, kept, n_bytes, dropped = [], 0, 0, []
     for doc in docs:
-        ids.append(eot)
-        ids += enc.encode_ordinary(doc)
-    return np.array(ids, dtype=dtype), len(docs), sum(len(d.encode("utf-8")) for d in docs)
+        tokens = [eot] + enc.encode_ordinary(doc)
+        sets = overlaps(tokens[1:], _index(decon[0]), decon[1], decon[2]) if decon else None
+        if sets:
+            dropped.append((sorted(sets), len(tokens), len(doc.encode("utf-8"))))
+        else:
+            ids += tokens
+            kept += 1
+            n_bytes += len(doc.encode("utf-8"))
+    return np.array(ids, dtype=dtype), kept, n_bytes, dropped
 
 
-def tokenize_split(docs, split, out, spec, eot, dtype, n_workers):
+def tokenize_split(docs, split, out, spec, eot, dtype, n_workers, decon=None):
     """Encodes documents over all cores and writes out/split_NNNNNN.bin shards of
-    shard_size tokens. Returns the split's counts: tokens, documents, bytes."""
-    counts = {"tokens": 0, "documents": 0, "bytes": 0}
-    jobs = ((batch, spec, out, eot, dtype) for batch in bpe.batched(docs))
-    pending, shard = [], 0
-    for ids, n_docs, n_bytes in bpe.pool_map(_encode_docs, jobs, n_workers):
+    shard_size tokens. Returns the split's counts (tokens, documents, bytes) and the
+    documents dropped by decontamination, as _encode_docs notes them."""
+    counts, dropped = {"tokens": 0, "documents": 0, "bytes": 0}, []
+    jobs = ((batch, spec, out, eot, dtype, decon) for batch in bpe.batched(docs))
+    pending, shard, t0, shown = [], 0, time.time(), time.time()
+    for ids, n_docs, n_bytes, gone in bpe.pool_map(_encode_docs, jobs, n_workers):
         counts["documents"] += n_docs
         counts["bytes"] += n_bytes
         counts["tokens"] += len(ids)
+        dropped += gone
         pending.append(ids)
         while sum(map(len, pending)) >= shard_size:
             ids = np.concatenate(pending)
             write_shard(os.path.join(out, f"{split}_{shard:06d}.bin"), ids[:shard_size], dtype)
             pending, shard = [ids[shard_size:]], shard + 1
+        if time.time() - shown > 5:
+            print(f"{split}: {counts['bytes'] / 1e6:.0f} MB tokenized, {time.time() - t0:.0f}s", flush=True)
+            shown = time.time()
     if counts["documents"] == 0:
-        raise ValueError(f"the {split} split of {dataset} has no documents")
+        raise ValueError(f"the {split} split of {dataset} has no documents" +
+                         (" left after decontamination" if dropped else "") +
+                         (f"; raise val_fraction (now {val_fraction})" if split == "val" and dataset not in DATASETS else ""))
     if sum(map(len, pending)):
         write_shard(os.path.join(out, f"{split}_{shard:06d}.bin"), np.concatenate(pending), dtype)
         shard += 1
     print(f"{split}: {counts['documents']:,} documents, {counts['bytes'] / 1e6:.1f} MB, "
-          f"{counts['tokens']:,} tokens in {shard} shard(s)")
-    return counts
+          f"{counts['tokens']:,} tokens in {shard} shard(s)", flush=True)
+    return counts, dropped
+
+
+def decontamination_report(rows, kept, dropped):
+    """meta.json's record of decontamination, printed as a table too: per evaluation set,
+    the examples checked and the training documents and tokens it removed."""
+    total = kept["tokens"] + sum(t for _, t, _ in dropped)
+    for sets, tokens, _ in dropped:
+        for i in sets:
+            rows[i]["removed_documents"] += 1
+            rows[i]["removed_tokens"] += tokens
+    for row in rows:
+        row["tokens_kept"] = 1 - row["removed_tokens"] / max(total, 1)
+    print(f"\ndecontamination: {ngram}-grams, a training document is dropped above {overlap:.0%} of an example\n"
+          "| evaluation set | examples | checked (>= ngram tokens) | train documents removed | train tokens kept |\n"
+          "|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['name']} | {r['examples']:,} | {r['checked']:,} | {r['removed_documents']:,} | {r['tokens_kept']:.4%} |")
+    print(f"| all | | | {len(dropped):,} of {kept['documents'] + len(dropped):,} | {kept['tokens'] / max(total, 1):.4%} |\n")
+    return {"ngram": ngram, "overlap": overlap, "sets": rows, "documents_before": kept["documents"] + len(dropped),
+            "removed_documents": len(dropped), "tokens_before": total, "tokens_kept": kept["tokens"] / max(total, 1)}
 
 
 def check_settings():
     """Every setting, checked before anything on disk changes."""
-    spec = tokenizer or DATASETS.get(dataset, {}).get("tokenizer", "")
-    if dataset not in DATASETS:
+    own = dataset not in DATASETS
+    if own and not os.path.exists(dataset):
         close = difflib.get_close_matches(dataset, DATASETS, n=1)
         raise SystemExit(f"error: unknown dataset {dataset!r}{f'; did you mean {close[0]!r}?' if close else ''} "
-                         f"Known: {', '.join(DATASETS)}")
-    check([("tokenizer", spec, spec == "gpt2" or (spec.startswith("bpe:") and spec[4:].isdigit() and int(spec[4:]) > 256)
+                         f"Known: {', '.join(DATASETS)}; or give your own data as a path (a text file, a folder, "
+                         "a .jsonl)")
+    if own and next(read_docs(dataset), None) is None:
+        raise SystemExit(f"error: {dataset} holds no documents (it is empty, or only whitespace)")
+    spec = tokenizer or ("gpt2" if own else DATASETS[dataset]["tokenizer"])
+    evals = eval_sets()
+    check([("dataset", dataset, not own or dataset_name(dataset) not in DATASETS,
+            f"a path whose name is not that of a named dataset ({dataset_name(dataset)})"),
+           ("tokenizer", spec, spec == "gpt2" or (spec.startswith("bpe:") and spec[4:].isdigit() and int(spec[4:]) > 256)
             or spec in PRETRAINED or os.path.isdir(spec), "gpt2, bpe:N to train an N-token BPE (N > 256), or a "
             "pretrained model's name or directory (HuggingFaceTB/SmolLM2-135M) for its tokenizer.json"),
-           ("tokenizer", spec, "shards" not in DATASETS[dataset] or spec == "gpt2",
+           ("tokenizer", spec, own or "shards" not in DATASETS[dataset] or spec == "gpt2",
             f"gpt2: {dataset} is pre-tokenized with GPT-2's tokenizer"),
            ("shard_size", shard_size, shard_size >= 1, "1 or more"),
            ("num_shards", num_shards, num_shards >= 1, "1 or more"),
            ("max_docs", max_docs, max_docs >= 0, "0 (all) or more"),
-           ("workers", workers, workers >= 0, "0 (all cores) or more")])
+           ("workers", workers, workers >= 0, "0 (all cores) or more"),
+           ("val_fraction", val_fraction, 0 < val_fraction < 1, "between 0 and 1"),
+           ("ngram", ngram, ngram >= 1, "1 or more"),
+           ("overlap", overlap, 0 <= overlap < 1, "0 to 1 (not 1)"),
+           ("decontaminate", decontaminate, all(e == "val" or os.path.exists(e) for e in evals),
+            "'none', or a comma-separated list of 'val', prepared datasets (data/x) and files or folders that exist"),
+           ("decontaminate", decontaminate, not evals or own or "shards" not in DATASETS[dataset],
+            f"empty: {dataset} comes pre-tokenized, as whole shards")])
     return spec
 
 
 def prepare():
-    """Makes data_dir/dataset/{train,val}_NNNNNN.bin and meta.json from the settings."""
+    """Makes data_dir/<dataset>/{train,val}_NNNNNN.bin and meta.json from the settings."""
     spec = check_settings()
-    out, info = os.path.join(data_dir, dataset), DATASETS[dataset]
-    asked = {"tokenizer": spec, "shard_size": shard_size, "max_docs": max_docs, "num_shards": num_shards}
+    out, info = os.path.join(data_dir, dataset_name(dataset)), DATASETS.get(dataset, {})
+    asked = {"tokenizer": spec, "shard_size": shard_size, "max_docs": max_docs, "num_shards": num_shards,
+             "decontaminate": eval_sets(), "ngram": ngram, "overlap": overlap}
+    if dataset not in DATASETS:  # your own data: where it came from, and how it was split
+        stat = os.stat(dataset)
+        asked["source"] = {"path": os.path.abspath(dataset), "bytes": stat.st_size, "modified": stat.st_mtime,
+                           "text_field": text_field, "val_fraction": val_fraction}
     meta_path = os.path.join(out, "meta.json")
     if os.path.exists(meta_path):
         with open(meta_path) as f:
@@ -428,10 +689,21 @@ def tokenize_dataset(out, spec):
         for file in ("vocab.json", "merges.txt") if name == "vocab.json" else (name,) if directory else ():
             shutil.copy(os.path.join(directory, file), os.path.join(out, file))
     enc = _encoders[(name, out)] = bpe.load_tokenizer(name, out)  # forked workers inherit it
-    eot, dtype = enc.eot_token, token_dtype(enc.n_vocab)
-    meta = {"dataset": dataset, "tokenizer": name, "vocab_size": enc.n_vocab, "eot_id": eot}
-    for split in ("val", "train"):
-        meta[split] = tokenize_split(limited(documents(split)), split, out, name, eot, dtype, workers or os.cpu_count())
+    eot, dtype, n_workers = enc.eot_token, token_dtype(enc.n_vocab), workers or os.cpu_count()
+    meta = {"dataset": dataset_name(dataset), "tokenizer": name, "vocab_size": enc.n_vocab, "eot_id": eot}
+    meta["val"], _ = tokenize_split(limited(documents("val")), "val", out, name, eot, dtype, n_workers)
+    decon = None
+    if eval_sets():
+        index_path, rows = build_eval_index(enc, out)
+        decon = (index_path, ngram, overlap)
+    try:
+        meta["train"], dropped = tokenize_split(limited(documents("train")), "train", out, name, eot, dtype,
+                                                n_workers, decon)
+    finally:
+        if decon:
+            os.remove(decon[0])
+    if decon:
+        meta["decontamination"] = decontamination_report(rows, meta["train"], dropped)
     return meta
 
 

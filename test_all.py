@@ -857,6 +857,117 @@ def test_prepare_downloaded_text_and_shards(server, tmp_path, fast_retries, monk
         monkeypatch.setattr(prepare, "tokenizer", "bpe:1000")
         prepare.prepare()
 
+def naive_overlaps(doc, examples, n, limit):
+    """Tulu 3's rule written plainly, as the reference: n-grams as tuples, coverage as a set."""
+    grams = {tuple(doc[i:i + n]) for i in range(len(doc) - n + 1)}
+    flagged = set()
+    for which, ex in examples:
+        covered = {j for i in range(len(ex) - n + 1) if tuple(ex[i:i + n]) in grams for j in range(i, i + n)}
+        if len(ex) >= n and len(covered) > limit * len(ex):
+            flagged.add(which)
+    return flagged
+
+
+def test_decontamination_rule():
+    rng = np.random.default_rng(0)
+    noise = lambda k: rng.integers(0, 50000, k).tolist()  # noqa: E731
+    example = noise(100)
+    index = prepare.eval_index([(0, example)], 8)
+    # planted at the threshold: 49 of the example's 100 tokens are kept, 50 too (not more
+    # than half), 51 are dropped
+    for k, want in [(49, set()), (50, set()), (51, {0}), (100, {0})]:
+        assert prepare.overlaps(noise(30) + example[:k] + noise(30), index, 8, 0.5) == want, k
+    # pieces anywhere in the document count together; a piece shorter than n covers nothing
+    assert prepare.overlaps(example[60:91] + noise(5) + example[:20], index, 8, 0.5) == {0}
+    sevens = [t for i in range(0, 100, 7) for t in example[i:i + 7] + noise(1)]
+    assert prepare.overlaps(sevens, index, 8, 0.5) == set() and prepare.overlaps(noise(500), index, 8, 0.5) == set()
+    # against the plain rule: a small vocabulary makes partial and accidental matches common
+    for trial in range(300):
+        n, limit = int(rng.integers(1, 5)), float(rng.choice([0.0, 0.3, 0.5, 0.8]))
+        examples = [(int(rng.integers(0, 3)), rng.integers(0, 6, int(rng.integers(0, 15))).tolist()) for _ in range(4)]
+        doc = rng.integers(0, 6, int(rng.integers(0, 12))).tolist()
+        for _, ex in examples[:2]:
+            cut = int(rng.integers(0, len(ex) + 1))
+            doc += ex[cut:cut + int(rng.integers(0, 8))]
+        index = prepare.eval_index([(w, e) for w, e in examples if len(e) >= n], n)
+        assert prepare.overlaps(doc, index, n, limit) == naive_overlaps(doc, examples, n, limit), trial
+
+
+def run_prepare(*args):
+    return subprocess.run([sys.executable, "prepare.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_prepare_your_own_data_with_decontamination(tmp_path):
+    rng = random.Random(5)
+    words = "the a cat dog sat ran on under big small red blue tree house river stone quickly slowly".split()
+    sentence = lambda k: " ".join(rng.choice(words) for _ in range(k)).capitalize() + "."  # noqa: E731
+    examples = [sentence(40) for _ in range(3)]
+    docs = [" ".join(sentence(12) for _ in range(rng.randint(1, 6))) for _ in range(80)]
+    for i, ex in [(3, 0), (17, 0), (40, 1), (41, 1)]:
+        docs[i] = docs[i] + " " + examples[ex] + " " + sentence(5)  # evaluation examples planted in training text
+    (tmp_path / "corpus.txt").write_text(bpe.EOT.join(docs), encoding="utf-8")
+    (tmp_path / "evals.jsonl").write_text("\n".join(json.dumps({"question": ex, "id": i}) for i, ex in enumerate(examples)))
+    (tmp_path / "clean.jsonl").write_text(json.dumps({"question": "Zebras juggle quantum umbrellas near Kyoto " * 3}))
+    base = ["--dataset=" + str(tmp_path / "corpus.txt"), "--tokenizer=bpe:300", "--val_fraction=0.2",
+            "--text_field=question"]
+    runs = {}
+    for name, decon in [("none", "none"), ("evals", str(tmp_path / "evals.jsonl")), ("clean", str(tmp_path / "clean.jsonl"))]:
+        run = run_prepare(*base, f"--data_dir={tmp_path / name}", f"--decontaminate={decon}")
+        assert run.returncode == 0, run.stderr
+        out = tmp_path / name / "corpus"
+        tok = bpe.Tokenizer.load(out / "tokenizer.bpe")
+        tokens = np.concatenate([prepare.read_shard(p) for p in sorted(out.glob("train_*.bin"))]).tolist()
+        texts = tok.decode(tokens).split(bpe.EOT)[1:]  # the end-of-text token comes before each document
+        runs[name] = (json.loads((out / "meta.json").read_text()), texts, tokens, run.stdout)
+    meta, texts, tokens, stdout = runs["none"]
+    assert meta["settings"]["source"]["path"] == str(tmp_path / "corpus.txt") and "decontamination" not in meta
+    assert 0 < meta["val"]["documents"] < 30 and meta["train"]["documents"] + meta["val"]["documents"] == 80
+    planted = [t for t in texts if any(ex in t for ex in examples[:2])]
+    assert len(planted) >= 2  # some planted documents landed in train (the split is by a hash of each)
+    # with the evaluation set: exactly the planted documents are gone, the rest is as before
+    meta2, texts2, tokens2, stdout2 = runs["evals"]
+    assert texts2 == [t for t in texts if t not in planted]
+    d = meta2["decontamination"]
+    assert d["sets"][0]["examples"] == d["sets"][0]["checked"] == 3 and d["removed_documents"] == len(planted)
+    removed_tokens = len(tokens) - len(tokens2)
+    assert d["sets"][0]["removed_tokens"] == removed_tokens and d["tokens_before"] == len(tokens)
+    assert math.isclose(d["tokens_kept"], len(tokens2) / len(tokens)) and meta2["train"]["tokens"] == len(tokens2)
+    assert meta2["train"]["documents"] == meta["train"]["documents"] - len(planted)
+    assert f"| {tmp_path / 'evals.jsonl'} | 3 | 3 | {len(planted)} |" in stdout2  # the table, printed
+    # an evaluation set with nothing in common changes nothing
+    assert runs["clean"][2] == tokens and runs["clean"][0]["decontamination"]["removed_documents"] == 0
+    # a folder of files and a gzipped file are documents too; JSONL holds them in text_field
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i, doc in enumerate(docs[:30]):
+        (folder / f"{i:02d}.txt").write_text(doc)
+    with gzip.open(tmp_path / "corpus.txt.gz", "wt", encoding="utf-8") as f:
+        f.write(bpe.EOT.join(docs))
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs[:30]) + "\n\n")
+    for source, n_docs in [(folder, 30), (tmp_path / "corpus.txt.gz", 80), (tmp_path / "docs.jsonl", 30)]:
+        run = run_prepare(f"--dataset={source}", "--tokenizer=bpe:300", "--val_fraction=0.2",
+                          f"--data_dir={tmp_path / 'more'}")
+        assert run.returncode == 0, run.stderr
+        meta = json.loads((tmp_path / "more" / prepare.dataset_name(str(source)) / "meta.json").read_text())
+        assert meta["train"]["documents"] + meta["val"]["documents"] + meta["decontamination"]["removed_documents"] \
+            == n_docs
+    # bad input: one line that names the file, and the byte or line
+    (tmp_path / "empty.txt").write_text(" \n")
+    (tmp_path / "latin1.txt").write_bytes(b"ok " * 10 + "café".encode("latin-1"))
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+    for source, msg in [(tmp_path / "missing.txt", "or give your own data as a path"),
+                        (tmp_path / "empty.txt", "empty.txt holds no documents"),
+                        (tmp_path / "latin1.txt", "latin1.txt: not valid UTF-8 near byte 33"),
+                        (tmp_path / "bad.jsonl", "bad.jsonl, line 2: no field 'text' (set text_field)")]:
+        run = run_prepare(f"--dataset={source}", "--tokenizer=bpe:300", f"--data_dir={tmp_path / 'bad'}")
+        assert run.returncode != 0 and msg in run.stderr and "Traceback" not in run.stderr, (source, run.stderr)
+    for args, msg in [(["--decontaminate=nowhere.jsonl"], "decontaminate='nowhere.jsonl'"),
+                      (["--overlap=1.0"], "overlap=1.0"), (["--val_fraction=0"], "val_fraction=0"),
+                      (["--dataset=fineweb10B", "--decontaminate=val"], "pre-tokenized")]:
+        run = run_prepare(f"--data_dir={tmp_path / 'bad'}", *args)
+        assert run.returncode != 0 and msg in run.stderr and "Traceback" not in run.stderr, (args, run.stderr)
+
+
 # -----------------------------------------------------------------------------
 # model.py
 

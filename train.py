@@ -319,9 +319,9 @@ def setup_distributed():
 def load_data(ckpt):
     """The data directory, its meta.json and tokenizer, and the tokenizer's files (for
     checkpoints), or what to run to prepare them. A resumed run must use the same tokenizer."""
-    directory = os.path.join(data_dir, dataset)
+    directory = os.path.join(data_dir, prepare.dataset_name(dataset))
     if not os.path.exists(os.path.join(directory, "meta.json")):
-        if dataset not in prepare.DATASETS:
+        if dataset not in prepare.DATASETS and not os.path.exists(dataset):
             import difflib
             close = difflib.get_close_matches(dataset, prepare.DATASETS, n=1)
             raise SystemExit(f"error: unknown dataset {dataset!r} (no {directory}/meta.json)"
