@@ -15,6 +15,7 @@ elsewhere (the same math). Packed documents can be kept apart (doc_starts): toke
 attend only within their own document, and RoPE positions restart at each document.
 Read next: flash.py, the attention kernel; then train.py.
 """
+import hashlib
 import json
 import math
 import os
@@ -372,6 +373,99 @@ def filter_logits(logits, top_k=None, top_p=None):
     return logits
 
 # -----------------------------------------------------------------------------
+# LoRA: fine-tuning a few added weights while the model's own stay frozen
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update (Hu et al. 2021):
+        y = W x + b + s * B A x,    A: (r, in), B: (out, r), s = alpha / r
+    B starts at zero, so the model starts exactly as the base. rsLoRA (Kalajdzievski 2023)
+    scales by alpha / sqrt(r) instead, so that high ranks still learn. DoRA (Liu et al.
+    2024) also learns each output row's length m and keeps only the direction of the
+    updated weight: y = m * (W + s B A) x / ||W + s B A||_row + b."""
+
+    def __init__(self, base, rank, alpha, dropout, variant):
+        super().__init__()
+        self.base, self.dropout = base, nn.Dropout(dropout)
+        self.scale = alpha / (math.sqrt(rank) if variant == "rslora" else rank)
+        self.A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # as nn.Linear initialises its own weight
+        self.B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        self.m = nn.Parameter(base.weight.detach().float().norm(dim=1)) if variant == "dora" else None  # (out,)
+
+    def forward(self, x):
+        update = self.scale * F.linear(F.linear(self.dropout(x), self.A), self.B)
+        if self.m is None:
+            return self.base(x) + update
+        # the row norms count as constants in the backward pass, as DoRA's paper proposes
+        # (its section 4.3): much less memory, and the same results
+        norm = (self.base.weight + self.scale * self.B @ self.A).norm(dim=1).detach()
+        g = self.m / norm  # (out,): 1 at the start, so that y is exactly the base layer's
+        y = self.base(x)
+        wx = y if self.base.bias is None else y - self.base.bias
+        return y + (g - 1) * wx + g * update  # = g * (W x + update) + b
+
+    def merged(self):
+        """The plain linear layer that computes the same: W + s B A, for DoRA rescaled per row."""
+        w = self.base.weight + self.scale * self.B @ self.A
+        if self.m is not None:
+            w = w * (self.m / w.norm(dim=1))[:, None]
+        out = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None)
+        out.weight.data, out.bias = w.detach().to(self.base.weight.dtype), self.base.bias
+        return out.to(self.base.weight.device)
+
+
+LORA_TARGETS = {"qkv": "attn.qkv", "attn_proj": "attn.proj", "fc": "mlp.fc", "mlp_proj": "mlp.proj",
+                "attn": "attn.qkv,attn.proj", "mlp": "mlp.fc,mlp.proj"}  # names, and shorthands for two each
+
+
+def lora_layers(targets):
+    """The block layers that a `lora_targets` setting names: "attn,mlp", "qkv,fc", ..."""
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    unknown = [t for t in names if t not in LORA_TARGETS]
+    if unknown or not names:
+        raise ValueError(f"lora_targets={targets!r}: choose from {', '.join(LORA_TARGETS)}, comma-separated")
+    return sorted({layer for t in names for layer in LORA_TARGETS[t].split(",")})
+
+
+def add_lora(model, rank, alpha, dropout, targets, variant):
+    """Freezes every weight of the model and wraps the target layers of every block in
+    LoRALinear: from here on, only the adapters train. Returns the model."""
+    if variant not in ("lora", "rslora", "dora"):
+        raise ValueError(f"lora_variant={variant!r}: choose lora, rslora or dora")
+    model.requires_grad_(False)
+    for block in model.blocks:
+        for layer in lora_layers(targets):
+            parent, name = layer.split(".")
+            linear = getattr(getattr(block, parent), name)
+            if not 1 <= rank <= min(linear.in_features, linear.out_features):
+                raise ValueError(f"lora_rank={rank}: it must be 1 to {layer}'s smaller dimension "
+                                 f"({linear.in_features} in, {linear.out_features} out)")
+            setattr(getattr(block, parent), name, LoRALinear(linear, rank, alpha, dropout, variant))
+    return model
+
+
+def merge_lora(model):
+    """Every LoRALinear replaced by the plain layer it equals: a model as fast as the base."""
+    for block in model.blocks:
+        for parent in (block.attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, LoRALinear):
+                    setattr(parent, name, child.merged())
+    return model.requires_grad_(True)
+
+
+def fingerprint(model):
+    """A short hash of a model's weights (the first and last values of every tensor), to
+    tell that a LoRA checkpoint's base is still the one it was trained on."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        flat = t.detach().float().flatten().cpu()
+        h.update(name.encode() + str(tuple(t.shape)).encode() + torch.cat([flat[:8], flat[-8:]]).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# -----------------------------------------------------------------------------
 # Where it runs: the device, the dtype, and train.py's checkpoints (train.py and sample.py share these)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -403,12 +497,13 @@ def pick_dtype(dev, name=""):
 
 
 def load_checkpoint(path):
-    """A checkpoint that train.py wrote (a dict: see train.save_checkpoint), on the CPU."""
+    """A checkpoint that train.py wrote (a dict: see train.save_checkpoint), on the CPU,
+    with "path" added: where it was read from."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         # weights_only=False: it also holds numpy's RNG state; only load checkpoints you trust
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return dict(torch.load(path, map_location="cpu", weights_only=False), path=path)
     except Exception as e:  # torch raises many kinds for a cut-off or damaged file
         prev = os.path.join(os.path.dirname(path), "ckpt.prev.pt")
         fix = f"copy {prev}, the one before it, over it to go back one checkpoint, or " if os.path.exists(prev) else ""
@@ -417,9 +512,32 @@ def load_checkpoint(path):
 
 
 def model_from_checkpoint(ckpt):
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
+    """The model of a train.py checkpoint. A LoRA checkpoint holds only the adapters: its
+    base is loaded again from where it names (a checkpoint file, a pretrained name or a
+    directory), checked to be the same weights, and the adapters go on top."""
+    lora = ckpt.get("lora")
+    if lora is None:
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+        return model
+    model = load_base(lora["base"])
+    if fingerprint(model) != lora["fingerprint"]:
+        raise ValueError(f"the LoRA base {lora['base']} is not the model the adapters were trained on "
+                         "(its weights changed); restore it, or train the adapters again")
+    add_lora(model, lora["rank"], lora["alpha"], lora["dropout"], lora["targets"], lora["variant"])
+    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if unexpected or trainable & set(missing):
+        raise ValueError(f"the checkpoint's adapters do not fit its LoRA settings: {(unexpected or missing)[:3]}")
     return model
+
+
+def load_base(name_or_path):
+    """A model to fine-tune: a train.py checkpoint file (LoRA adapters merged in), or
+    pretrained weights by name or directory."""
+    if os.path.isfile(name_or_path):
+        return merge_lora(model_from_checkpoint(load_checkpoint(name_or_path)))
+    return GPT.from_pretrained(name_or_path)
 
 
 # -----------------------------------------------------------------------------

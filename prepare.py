@@ -37,7 +37,8 @@ from config import check, configure, setting_names
 # -----------------------------------------------------------------------------
 # settings: these defaults, then a config file, then --key=value (config/__init__.py)
 dataset = "stdlib"  # a name in DATASETS below, or your own data: a text file, a folder, or a .jsonl (read_docs)
-tokenizer = ""  # "gpt2", or "bpe:N" to train an N-token BPE on the train split; "" = the dataset's own
+tokenizer = ""  # "gpt2"; "bpe:N" trains an N-token BPE on the train split; a pretrained model's name or
+#   directory, or a prepared dataset's directory, for their tokenizer; "" = the dataset's own
 data_dir = "data"  # shards go to data_dir/dataset/
 shard_size = 100_000_000  # tokens per shard, as llm.c
 num_shards = 8  # fineweb: train shards to download (about 100M tokens each)
@@ -220,9 +221,13 @@ def pretrained_dir(name_or_dir, files):
 def pretrained_tokenizer(name_or_dir):
     """The tokenizer of a pretrained model as (file name, directory) for bpe.load_tokenizer:
     ("gpt2", None) for GPT-2 (tiktoken's), else the model's own tokenizer.json, or GPT-2
-    style vocab.json + merges.txt, downloaded if needed."""
+    style vocab.json + merges.txt, downloaded if needed. A prepared dataset's directory
+    gives its tokenizer: data for fine-tuning a model that was trained on that dataset."""
     if name_or_dir in PRETRAINED and name_or_dir.startswith("gpt2"):
         return "gpt2", None
+    if os.path.exists(os.path.join(name_or_dir, "meta.json")):
+        meta, _ = load_meta(name_or_dir)
+        return meta["tokenizer"], None if meta["tokenizer"] == "gpt2" else name_or_dir
     if os.path.isdir(name_or_dir) and not os.path.exists(os.path.join(name_or_dir, "tokenizer.json")):
         if all(os.path.exists(os.path.join(name_or_dir, f)) for f in ("vocab.json", "merges.txt")):
             return "vocab.json", name_or_dir
@@ -265,6 +270,12 @@ def read_shard(path):
     if got != want:
         raise ValueError(f"{path}: {got} bytes, but its header promises {n} tokens ({want} bytes); {fix}")
     return np.memmap(path, dtype=dtype.newbyteorder("<"), mode="r", offset=HEADER_INTS * 4, shape=(n,))
+
+def tokenizer_files(name):
+    """The files of the tokenizer that meta.json names: none for gpt2 (tiktoken has it)."""
+    return {"gpt2": [], "vocab.json": ["vocab.json", "merges.txt"]}.get(
+        name, [name, name + ".json"] if name.endswith(".bpe") else [name])
+
 
 def token_bytes(enc):
     """Bytes of text per token id, for bits per byte: the end-of-text marker counts none."""
@@ -623,11 +634,14 @@ def check_settings():
         raise SystemExit(f"error: {dataset} holds no documents (it is empty, or only whitespace)")
     spec = tokenizer or ("gpt2" if own else DATASETS[dataset]["tokenizer"])
     evals = eval_sets()
+    out = os.path.abspath(os.path.join(data_dir, dataset_name(dataset)))
     check([("dataset", dataset, not own or dataset_name(dataset) not in DATASETS,
             f"a path whose name is not that of a named dataset ({dataset_name(dataset)})"),
+           ("data_dir", data_dir, not own or not (out + os.sep).startswith(os.path.abspath(dataset) + os.sep),
+            f"outside the data it reads: the shards would go to {out}, inside {dataset}"),
            ("tokenizer", spec, spec == "gpt2" or (spec.startswith("bpe:") and spec[4:].isdigit() and int(spec[4:]) > 256)
             or spec in PRETRAINED or os.path.isdir(spec), "gpt2, bpe:N to train an N-token BPE (N > 256), or a "
-            "pretrained model's name or directory (HuggingFaceTB/SmolLM2-135M) for its tokenizer.json"),
+            "pretrained model's name or directory (HuggingFaceTB/SmolLM2-135M), or a prepared dataset's directory"),
            ("tokenizer", spec, own or "shards" not in DATASETS[dataset] or spec == "gpt2",
             f"gpt2: {dataset} is pre-tokenized with GPT-2's tokenizer"),
            ("shard_size", shard_size, shard_size >= 1, "1 or more"),
@@ -686,7 +700,7 @@ def tokenize_dataset(out, spec):
         name = "tokenizer.bpe"
     elif spec != "gpt2":  # a pretrained model's own tokenizer, for fine-tuning it
         name, directory = pretrained_tokenizer(spec)
-        for file in ("vocab.json", "merges.txt") if name == "vocab.json" else (name,) if directory else ():
+        for file in tokenizer_files(name) if directory else ():
             shutil.copy(os.path.join(directory, file), os.path.join(out, file))
     enc = _encoders[(name, out)] = bpe.load_tokenizer(name, out)  # forked workers inherit it
     eot, dtype, n_workers = enc.eot_token, token_dtype(enc.n_vocab), workers or os.cpu_count()

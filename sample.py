@@ -25,7 +25,7 @@ from model import GPT
 # -----------------------------------------------------------------------------
 # settings: these defaults, then a config file, then --key=value (config/__init__.py)
 out_dir = "out/quickstart"
-init_from = "resume"  # "resume": out_dir/ckpt.pt; or a pretrained name or directory (gpt2, HuggingFaceTB/SmolLM2-135M)
+init_from = "resume"  # "resume": out_dir/ckpt.pt; a checkpoint file; or a pretrained name or directory (gpt2, ...)
 start = ""  # the prompt; FILE:path reads it from a file; "" starts a new document
 num_samples = 2
 max_new_tokens = 200
@@ -51,16 +51,18 @@ def check_settings():
 
 def load():
     """The model and its tokenizer (a tiktoken.Encoding): from a checkpoint, or pretrained."""
-    if init_from != "resume":
+    if init_from != "resume" and not os.path.isfile(init_from):
         m = GPT.from_pretrained(init_from)
         return m, bpe.load_tokenizer(*prepare.pretrained_tokenizer(init_from))
-    path = os.path.join(out_dir, "ckpt.pt")
+    path = init_from if init_from != "resume" else os.path.join(out_dir, "ckpt.pt")
     if not os.path.exists(path):
         raise SystemExit(f"error: no checkpoint at {path}. Train one first, e.g.\n    python train.py "
                          f"--out_dir={out_dir}\nor sample a pretrained model: python sample.py --init_from=gpt2")
     ckpt = model.load_checkpoint(path)
     spec = ckpt["tokenizer"]  # a trained tokenizer travels inside the checkpoint
-    return model.model_from_checkpoint(ckpt), bpe.load_tokenizer(spec["name"], files=spec["files"], where=path)
+    # LoRA adapters are merged into their base: the same logits, at the base's speed
+    m = model.merge_lora(model.model_from_checkpoint(ckpt))
+    return m, bpe.load_tokenizer(spec["name"], files=spec["files"], where=path)
 
 
 def read_prompt(enc):

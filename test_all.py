@@ -196,8 +196,8 @@ def fast_retries(monkeypatch):
 def tiny(kind="llama", **kw):
     torch.manual_seed(0)
     llama = dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, n_kv_head=2, tie_embeddings=False)
-    cfg = GPTConfig(vocab_size=1000, block_size=64, n_layer=2, n_head=4, n_embd=64, attn="sdpa",
-                    **(llama if kind == "llama" else {}), **kw)
+    cfg = GPTConfig(**{**dict(vocab_size=1000, block_size=64, n_layer=2, n_head=4, n_embd=64, attn="sdpa"),
+                       **(llama if kind == "llama" else {}), **kw})
     m = GPT(cfg).eval()
     for p in m.parameters():
         p.data.normal_(0, 0.2)  # sharper distributions than the init's
@@ -1173,6 +1173,61 @@ def test_model_bad_checkpoints(tmp_path):
     assert header  # the real header parsed
 
 
+@pytest.mark.parametrize("variant", ["lora", "rslora", "dora"])
+def test_model_lora(variant):
+    base = tiny("llama", bias=True)
+    idx = torch.randint(0, 1000, (2, 20))
+    expect = base(idx, all_logits=True)[0]
+    m = model.add_lora(copy_of(base), 4, 8.0, 0.0, "attn,mlp", variant)
+    # B starts at zero: exactly the base model's logits
+    assert torch.equal(m(idx, all_logits=True)[0], expect)
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable == {f"blocks.{i}.{layer}.{w}" for i in range(2) for layer in ("attn.qkv", "attn.proj", "mlp.fc",
+                         "mlp.proj") for w in (("A", "B", "m") if variant == "dora" else ("A", "B"))}
+    assert m.blocks[0].attn.qkv.scale == (8.0 / 2 if variant == "rslora" else 8.0 / 4)
+    for p in (p for p in m.parameters() if p.requires_grad):
+        p.data.normal_(0, 0.3)  # adapters as after training
+    got = m(idx, all_logits=True)[0]
+    assert (got - expect).abs().max() > 0.1
+    # training moves only the adapters
+    frozen = {n: p.clone() for n, p in m.named_parameters() if not p.requires_grad}
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    m(idx, idx.roll(-1, 1))[1].backward()
+    opt.step()
+    assert all(torch.equal(p, frozen[n]) for n, p in m.named_parameters() if not p.requires_grad)
+    # merged into plain layers, the same logits within fp32 rounding
+    got = m(idx, all_logits=True)[0]
+    merged = model.merge_lora(m)
+    assert not any(isinstance(x, model.LoRALinear) for x in merged.modules())
+    assert (merged(idx, all_logits=True)[0] - got).abs().max() <= 1e-5
+    # DoRA by hand, for one layer: m * (W + s B A) / ||W + s B A||_row, then the bias
+    layer = model.add_lora(copy_of(base), 2, 4.0, 0.0, "qkv", variant).blocks[0].attn.qkv
+    for p in (layer.A, layer.B):
+        p.data.normal_(0, 0.5)
+    x = torch.randn(3, 64)
+    w = layer.base.weight + layer.scale * layer.B @ layer.A
+    if variant == "dora":
+        layer.m.data.uniform_(0.5, 2.0)
+        w = w * (layer.m / w.norm(dim=1))[:, None]
+    assert (layer(x) - (x @ w.t() + layer.base.bias)).abs().max() <= 1e-5
+
+
+def copy_of(m):
+    c = GPT(m.cfg).eval()
+    c.load_state_dict(m.state_dict())
+    return c
+
+
+def test_model_lora_bad_settings():
+    m = tiny("gpt2")  # 64 wide: qkv is 64 -> 192
+    for kw, msg in [(dict(rank=65), "lora_rank=65: it must be 1 to attn.proj's smaller dimension (64 in, 64 out)"),
+                    (dict(rank=0), "lora_rank=0"), (dict(targets="attn,lm_head"), "lora_targets='attn,lm_head'"),
+                    (dict(targets=""), "lora_targets=''"), (dict(variant="qlora"), "lora_variant='qlora'")]:
+        args = dict(rank=4, alpha=8.0, dropout=0.0, targets="attn", variant="lora") | kw
+        with pytest.raises(ValueError, match=regex.escape(msg)):
+            model.add_lora(copy_of(m), **args)
+
+
 def test_model_runs_without_triton():
     code = ("import sys, torch, model; m = model.GPT(model.GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=100, "
             "block_size=16)); m.generate(torch.zeros(1, 3, dtype=torch.long), 5); "
@@ -1440,6 +1495,67 @@ def test_train_resume_keeps_the_run_as_it_was(tiny_data, tmp_path):
     run, logs = train(tiny_data, tmp_path / "a", "--max_steps=2", "--overwrite", "--eval_interval=2")
     assert run.returncode == 0 and [r["step"] for r in logs] == [0, 2, 2], run.stderr  # a fresh log
     assert not (tmp_path / "a" / "ckpt.prev.pt").exists()
+
+
+@pytest.fixture(scope="module")
+def new_domain(tiny_data, tmp_path_factory):
+    """A second domain for fine-tuning, in the tokenizer of tiny_data: English-like sentences
+    of 18 words, unlike the Python the base model knows."""
+    d = tmp_path_factory.mktemp("new")
+    (d / "docs").mkdir()
+    rng = random.Random(5)
+    words = "the a cat dog sat ran on under big small red blue tree house river stone quickly slowly".split()
+    for i in range(12):
+        sentences = (" ".join(rng.choice(words) for _ in range(12)).capitalize() + "." for _ in range(60))
+        (d / "docs" / f"{i}.txt").write_text(" ".join(sentences))
+    run = run_prepare(f"--dataset={d / 'docs'}", f"--tokenizer={tiny_data / 'stdlib'}", "--val_fraction=0.2",
+                      f"--data_dir={d}", "--decontaminate=none")
+    assert run.returncode != 0 and "outside the data it reads" in run.stderr  # found by this very fixture
+    run = run_prepare(f"--dataset={d / 'docs'}", f"--tokenizer={tiny_data / 'stdlib'}", "--val_fraction=0.2",
+                      f"--data_dir={d / 'data'}", "--decontaminate=none")
+    assert run.returncode == 0, run.stderr
+    return d / "data"
+
+
+def test_train_lora_fine_tunes_a_checkpoint(tiny_data, tiny_checkpoint, new_domain, tmp_path):
+    base = str(tiny_checkpoint / "ckpt.pt")
+    before = pathlib.Path(base).read_bytes()
+    lora = ["--lora_rank=4", "--lora_alpha=8", "--lora_variant=dora", "--dataset=docs", "--schedule=wsd",
+            "--decay_frac=0.0", "--warmup_steps=0", "--log_interval=1", "--eval_interval=12", "--device=cpu"]
+    run, logs = train(new_domain, tmp_path / "a", f"--init_from={base}", "--max_steps=24", *lora)
+    assert run.returncode == 0, run.stderr
+    val = [r["val_loss"] for r in logs if "val_loss" in r]
+    assert len(val) == 3 and val[-1] < val[0] - 0.05  # it learns the new domain
+    ckpt = model.load_checkpoint(str(tmp_path / "a" / "ckpt.pt"))
+    assert ckpt["lora"]["base"] == base and ckpt["lora"]["variant"] == "dora"
+    assert {k.rsplit(".", 1)[1] for k in ckpt["model"]} == {"A", "B", "m"}  # the adapters, no base weights
+    assert pathlib.Path(base).read_bytes() == before  # the base is untouched
+    # resuming is exact: 12 steps, resume, 12 steps = 24 steps
+    run, _ = train(new_domain, tmp_path / "b", f"--init_from={base}", "--max_steps=12", *lora)
+    assert run.returncode == 0, run.stderr
+    run, both = train(new_domain, tmp_path / "b", "--init_from=resume", "--max_steps=24", *lora)
+    assert run.returncode == 0, run.stderr
+    loss = lambda logs: {r["step"]: r["loss"] for r in logs if "loss" in r}  # noqa: E731
+    assert loss(both) == loss(logs) and len(loss(both)) == 24
+    # two processes with one micro-batch each equal one with two (the frozen base under DDP)
+    run, two = train(new_domain, tmp_path / "c", f"--init_from={base}", "--max_steps=4", *lora, torchrun=2)
+    assert run.returncode == 0, run.stderr + run.stdout
+    for a, b in zip([r for r in logs if r["step"] <= 4], two):
+        assert a["step"] == b["step"] and all(abs(a[k] - b[k]) <= 1e-5 * abs(a[k]) for k in ("loss", "val_loss") if k in a)
+    # sample.py loads the base, adds the adapters and merges them
+    assert sample(tmp_path / "a", "--max_new_tokens=5").returncode == 0
+    # errors: LoRA needs a trained model; a base that changed since is refused
+    run, _ = train(new_domain, tmp_path / "d", "--max_steps=2", *lora)
+    assert run.returncode != 0 and "lora_rank=4: it must be 0 with init_from=scratch" in run.stderr
+    changed = tmp_path / "base.pt"
+    shutil.copy(base, changed)
+    run, _ = train(new_domain, tmp_path / "e", f"--init_from={changed}", "--max_steps=2", *lora)
+    assert run.returncode == 0, run.stderr
+    c = torch.load(changed, weights_only=False)
+    c["model"]["wte.weight"] += 1.0
+    torch.save(c, changed)
+    run = sample(tmp_path / "e")
+    assert run.returncode != 0 and "is not the model the adapters were trained on" in run.stderr, run.stderr
 
 
 def test_train_settings_are_checked(tiny_data, tmp_path, monkeypatch):

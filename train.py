@@ -43,7 +43,7 @@ dataset = "stdlib"
 tokenizer = ""  # what prepare.py used (a config file names it for both scripts); "" = the dataset's default
 data_dir = "data"
 out_dir = "out/quickstart"
-init_from = "scratch"  # "scratch", "resume" (out_dir/ckpt.pt), or a pretrained name or directory
+init_from = "scratch"  # "scratch", "resume" (out_dir/ckpt.pt), a checkpoint file to fine-tune, or a pretrained name or directory
 overwrite = False  # start from scratch in an out_dir that holds a checkpoint, deleting it
 # model (GPTConfig; the vocab size comes from the data)
 n_layer = 4
@@ -60,6 +60,12 @@ bias = True
 tie_embeddings = True
 attn = "auto"
 doc_mask = False  # attend only within documents (end-of-text tokens start them)
+# LoRA fine-tuning (model.LoRALinear): the model stays frozen, low-rank adapters train
+lora_rank = 0  # 0: off (every weight trains)
+lora_alpha = 16.0  # the update is scaled by alpha / rank (rslora: alpha / sqrt(rank))
+lora_dropout = 0.0
+lora_targets = "attn,mlp"  # which linear layers of every block: qkv, attn_proj, fc, mlp_proj; attn, mlp
+lora_variant = "lora"  # "lora", "rslora" or "dora"
 # batch: total_batch_size tokens a step = micro_batch * block_size * processes * accumulation
 total_batch_size = 8192
 micro_batch = 8
@@ -116,7 +122,16 @@ def check_settings(world):
            ("ckpt_interval", ckpt_interval, ckpt_interval >= 0, "0 (at every evaluation) or more"),
            ("max_bad_steps", max_bad_steps, max_bad_steps >= 1, "1 or more"),
            ("init_from", init_from, init_from in ("scratch", "resume") or init_from in prepare.PRETRAINED
-            or os.path.isdir(init_from), f"scratch, resume, a directory, or one of {', '.join(prepare.PRETRAINED)}")])
+            or os.path.exists(init_from), f"scratch, resume, a checkpoint file, a directory, or one of "
+            f"{', '.join(prepare.PRETRAINED)}"),
+           ("lora_rank", lora_rank, lora_rank >= 0, "0 (off) or more"),
+           ("lora_rank", lora_rank, lora_rank == 0 or init_from != "scratch",
+            "0 with init_from=scratch: LoRA adapts a trained model (give init_from a checkpoint or pretrained model)"),
+           ("lora_alpha", lora_alpha, lora_alpha > 0, "a positive number"),
+           ("lora_dropout", lora_dropout, 0 <= lora_dropout < 1, "0 to 1 (not 1)"),
+           ("lora_variant", lora_variant, lora_variant in ("lora", "rslora", "dora"), "lora, rslora or dora"),
+           ("lora_targets", lora_targets, all(t.strip() in model.LORA_TARGETS for t in lora_targets.split(",")),
+            f"a comma-separated list of {', '.join(model.LORA_TARGETS)}")])
 
 # -----------------------------------------------------------------------------
 # Data: shards streamed in a shuffled order, each process reading its own part of every step
@@ -227,7 +242,7 @@ def model_config(vocab_size, settings=None):
 # Checkpoints
 
 
-def save_checkpoint(path, raw_model, optimizer, scaler, step, loader, loss, tok_spec):
+def save_checkpoint(path, raw_model, optimizer, scaler, step, loader, loss, tok_spec, lora):
     """Everything needed to continue exactly. Not saved, returning False, when a weight or
     `loss` (what these weights give on some val tokens) is not finite: that would replace
     the last good checkpoint with a poisoned one. Written whole to ckpt.new.pt, read back,
@@ -235,7 +250,10 @@ def save_checkpoint(path, raw_model, optimizer, scaler, step, loader, loss, tok_
     exists at every moment."""
     if not math.isfinite(loss) or not all(torch.isfinite(p).all() for p in raw_model.parameters()):
         return False
-    ckpt = {"model": raw_model.state_dict(), "model_config": dataclasses.asdict(raw_model.cfg),
+    weights = raw_model.state_dict()
+    if lora is not None:  # the adapters only, and where the frozen base comes from
+        weights = {n: p.detach() for n, p in raw_model.named_parameters() if p.requires_grad}
+    ckpt = {"model": weights, "model_config": dataclasses.asdict(raw_model.cfg), "lora": lora,
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
             "data": loader.state(), "settings": setting_names(globals()), "tokenizer": tok_spec,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
@@ -255,9 +273,8 @@ def save_checkpoint(path, raw_model, optimizer, scaler, step, loader, loss, tok_
 
 def tokenizer_spec(directory, name):
     """What sample.py needs to decode: "gpt2", or a tokenizer's files, stored whole."""
-    files = {"gpt2": [], "vocab.json": ["vocab.json", "merges.txt"]}.get(name, [name, name + ".json"]
-                                                                         if name.endswith(".bpe") else [name])
-    return {"name": name, "files": {f: open(os.path.join(directory, f), encoding="utf-8").read() for f in files}}
+    return {"name": name, "files": {f: open(os.path.join(directory, f), encoding="utf-8").read()
+                                    for f in prepare.tokenizer_files(name)}}
 
 
 def resume_checkpoint(given):
@@ -318,7 +335,8 @@ def setup_distributed():
 
 def load_data(ckpt):
     """The data directory, its meta.json and tokenizer, and the tokenizer's files (for
-    checkpoints), or what to run to prepare them. A resumed run must use the same tokenizer."""
+    checkpoints), or what to run to prepare them. A run that continues a checkpoint (resumed,
+    or fine-tuned from a checkpoint file) must use its tokenizer."""
     directory = os.path.join(data_dir, prepare.dataset_name(dataset))
     if not os.path.exists(os.path.join(directory, "meta.json")):
         if dataset not in prepare.DATASETS and not os.path.exists(dataset):
@@ -331,25 +349,35 @@ def load_data(ckpt):
     meta, enc = prepare.load_meta(directory)
     spec = tokenizer_spec(directory, meta["tokenizer"])
     if ckpt is not None and ckpt["tokenizer"] != spec:
-        raise SystemExit(f"error: {directory} was tokenized with another tokenizer than the checkpoint in {out_dir} "
-                         f"({meta['tokenizer']}, {meta['vocab_size']} tokens): resume on the data it was trained on")
+        raise SystemExit(f"error: {directory} was tokenized with another tokenizer than the checkpoint "
+                         f"{ckpt['path']} ({meta['tokenizer']}, {meta['vocab_size']} tokens): use data prepared with "
+                         f"its tokenizer (prepare.py --tokenizer=DIR of the data it was trained on)")
     return directory, meta, enc, spec
 
 
-def build_model(meta, ckpt, dev):
-    """The model: from the checkpoint, from scratch, or pretrained weights to fine-tune."""
+def build_model(meta, ckpt, base_ckpt, dev):
+    """The model, and its LoRA record for checkpoints (None without LoRA): from the run's
+    checkpoint, from scratch, or weights to fine-tune (a checkpoint file's, base_ckpt, or
+    pretrained), maybe frozen under LoRA adapters."""
+    lora = ckpt.get("lora") if ckpt else None
     if ckpt is not None:
         m = model.model_from_checkpoint(ckpt)
     elif init_from == "scratch":
         m = GPT(model_config(meta["vocab_size"]))
     else:  # fine-tuning: the data must use the model's tokenizer
-        m = GPT.from_pretrained(init_from, attn=attn)
+        m = model.merge_lora(model.model_from_checkpoint(base_ckpt)) if base_ckpt \
+            else GPT.from_pretrained(init_from, attn=attn)
+        if lora_rank:
+            base = os.path.abspath(init_from) if os.path.exists(init_from) else init_from
+            lora = {"base": base, "fingerprint": model.fingerprint(m), "rank": lora_rank, "alpha": lora_alpha,
+                    "dropout": lora_dropout, "targets": lora_targets, "variant": lora_variant}
+            model.add_lora(m, lora_rank, lora_alpha, lora_dropout, lora_targets, lora_variant)
     if meta["vocab_size"] > m.cfg.vocab_size:
         raise SystemExit(f"error: the data has {meta['vocab_size']} tokens, the model {m.cfg.vocab_size}: "
                          "prepare the data with the model's tokenizer")
     if block_size > m.cfg.block_size:
         raise SystemExit(f"error: block_size={block_size}, but the model was built for {m.cfg.block_size}")
-    return m.to(dev)
+    return m.to(dev), lora
 
 
 def make_optimizer(m, dev):
@@ -357,7 +385,8 @@ def make_optimizer(m, dev):
     the embeddings."""
     decay, no_decay = [], []
     for name, p in m.named_parameters():
-        (decay if p.dim() >= 2 and (decay_embeddings or name not in ("wte.weight", "wpe.weight")) else no_decay).append(p)
+        if p.requires_grad:  # under LoRA, the adapters only
+            (decay if p.dim() >= 2 and (decay_embeddings or name not in ("wte.weight", "wpe.weight")) else no_decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}],
                              lr=learning_rate, betas=(beta1, beta2), fused=dev.type == "cuda")
@@ -445,7 +474,8 @@ def main():
     ddp, rank, world, dev = setup_distributed()
     master = rank == 0
     log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
-    directory, meta, enc, spec = load_data(ckpt)
+    base_ckpt = model.load_checkpoint(init_from) if os.path.isfile(init_from) else None  # fine-tuning it
+    directory, meta, enc, spec = load_data(ckpt or base_ckpt)
     if ckpt is not None and ckpt["step"] >= max_steps:
         log(f"{out_dir}/ckpt.pt is at step {ckpt['step']}, and max_steps={max_steps}: nothing to train. "
             "Raise max_steps to go on.")
@@ -453,8 +483,9 @@ def main():
     prepare_out_dir(ckpt is not None, master)
 
     # the model, its optimizer and precision; compiled on CUDA, wrapped in DDP under torchrun
-    raw_model = build_model(meta, ckpt, dev)
-    log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {raw_model.cfg}")
+    raw_model, lora = build_model(meta, ckpt, base_ckpt, dev)
+    trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+    log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters ({trainable / 1e6:.3f}M trained), {raw_model.cfg}")
     optimizer = make_optimizer(raw_model, dev)
     amp, autocast, scaler = mixed_precision(dev)
     if ckpt is not None:
@@ -497,7 +528,7 @@ def main():
             with torch.no_grad(), autocast:  # the loss these weights give, as a health check
                 probe = torch.from_numpy(val[:micro_batch]).to(dev)
                 probe_loss = float(fast_model(probe[:, :-1], probe[:, 1:])[1])
-            saved = save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, train_data, probe_loss, spec)
+            saved = save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, train_data, probe_loss, spec, lora)
             log(f"step {step}: " + (f"saved {ckpt_path}" if saved else "NOT saved: the loss or the weights are not "
                                     f"finite; {ckpt_path} keeps the last good one"))
         if last_step or stop["signal"]:
