@@ -422,13 +422,123 @@ def bench_sample(new_tokens=512):
               f"**{t_plain / t_cache:.1f}x** |")
 
 
+# -----------------------------------------------------------------------------
+# lora: does LoRA learn less and forget less? (Biderman et al. 2024), offline on the stdlib
+
+
+GUI = ("tkinter", "idlelib", "turtle", "ttk", "idle_test")  # the new domain: Tk GUI code, held out of pretraining
+
+
+def lora_domains(root):
+    """root/old: the stdlib's .py files but the GUI code; root/new: the GUI code (tkinter,
+    IDLE, turtle and their tests, ~2 MB), a domain the base model never saw."""
+    import sysconfig
+    stdlib = sysconfig.get_paths()["stdlib"]
+    for d, dirs, files in os.walk(stdlib):
+        dirs[:] = [x for x in dirs if x not in ("site-packages", "dist-packages", "__pycache__")]
+        for f in (f for f in files if f.endswith(".py")):
+            rel = os.path.relpath(os.path.join(d, f), stdlib)
+            dest = os.path.join(root, "new" if any(g in rel for g in GUI) else "old", rel)
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            with open(os.path.join(d, f), "rb") as src:  # a few test files are not UTF-8 on purpose
+                text = src.read().decode("utf-8", errors="replace")
+            with open(dest, "w", encoding="utf-8") as out:
+                out.write(text)
+
+
+def run_script(args, log):
+    """Runs a script to the end; its exit code and its peak memory (max RSS, MB)."""
+    import subprocess
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, *args], stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    return os.waitstatus_to_exitcode(status), usage.ru_maxrss / 1024
+
+
+def val_bpb(ckpt_path, data_dir):
+    """A checkpoint's val bits per byte on a prepared dataset, as train.py evaluates it."""
+    import model
+    import train
+    ckpt = model.load_checkpoint(ckpt_path)
+    m = model.merge_lora(model.model_from_checkpoint(ckpt))
+    meta, enc = prepare.load_meta(data_dir)
+    block = ckpt["settings"]["block_size"]
+    val = train.val_sequences(data_dir, block, ckpt["settings"]["eval_tokens"] // block)
+    n_bytes = torch.from_numpy(prepare.token_bytes(enc))
+    return train.evaluate(m, val, n_bytes, contextlib.nullcontext(), meta["eot_id"], 0, 1, False)[1]
+
+
+def bench_lora(steps=100, ranks=(4, 16, 64), base_steps=400, root=os.path.join("out", "lora_study")):
+    import model
+    data, runs = os.path.join(root, "data"), os.path.join(root, "runs")
+    os.makedirs(runs, exist_ok=True)
+    if not os.path.exists(os.path.join(data, "new", "meta.json")):
+        note("lora: splitting the stdlib into the old domain and the GUI code, and preparing both")
+        lora_domains(os.path.join(root, "src"))
+        for args in [[f"--dataset={root}/src/old", "--tokenizer=bpe:4096", "--val_fraction=0.02"],
+                     [f"--dataset={root}/src/new", f"--tokenizer={data}/old", "--val_fraction=0.1"]]:
+            code, _ = run_script(["prepare.py", *args, f"--data_dir={data}"], os.path.join(root, "prepare.log"))
+            assert code == 0, open(os.path.join(root, "prepare.log")).read()[-2000:]
+    base = os.path.join(runs, "base", "ckpt.pt")
+    if not os.path.exists(base):
+        note(f"lora: pretraining the base on the old domain (the quickstart's model, {base_steps} steps)")
+        code, _ = run_script(["train.py", f"--data_dir={data}", "--dataset=old", f"--out_dir={runs}/base",
+                              f"--max_steps={base_steps}"], os.path.join(runs, "base.log"))
+        assert code == 0, open(os.path.join(runs, "base.log")).read()[-2000:]
+    # the same steps and tokens for every method; learning rates from a small sweep (README)
+    common = [f"--data_dir={data}", "--dataset=new", f"--init_from={base}", f"--max_steps={steps}",
+              f"--eval_interval={steps}", "--warmup_steps=10", "--log_interval=10", "--overwrite"]
+    methods = [("full", 0, ["--learning_rate=1e-3"])] + [
+        (variant, r, [f"--lora_rank={r}", f"--lora_alpha={2 * r}", f"--lora_variant={variant}", "--learning_rate=1e-2"])
+        for variant in ("lora", "rslora", "dora") for r in ranks]
+    rows = [("base (no fine-tuning)", "", 0, None, None, val_bpb(base, f"{data}/new"), val_bpb(base, f"{data}/old"))]
+    for name, rank, args in methods:
+        out = os.path.join(runs, f"{name}{rank or ''}")
+        note(f"lora: fine-tuning {name} {rank or ''} for {steps} steps")
+        code, peak = run_script(["train.py", *common, *args, f"--out_dir={out}"], out + ".log")
+        assert code == 0, open(out + ".log").read()[-2000:]
+        logs = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+        step_ms = np.median([r["step_ms"] for r in logs if "step_ms" in r])
+        ckpt = model.load_checkpoint(os.path.join(out, "ckpt.pt"))
+        trained = sum(t.numel() for t in ckpt["model"].values()) if ckpt["lora"] else None
+        if trained is None:
+            trained = model.model_from_checkpoint(ckpt).num_params()
+        rows.append((name, rank, trained, step_ms, peak, [r for r in logs if "val_bpb" in r][-1]["val_bpb"],
+                     val_bpb(os.path.join(out, "ckpt.pt"), f"{data}/old")))
+    header(f"LoRA against full fine-tuning: {steps} steps of 8192 tokens on the stdlib's GUI code, cpu",
+           {"torch": torch.__version__})
+    print("| method | rank | trainable params | step time | peak memory | new domain val bpb (learns) | "
+          "old domain val bpb after (forgets) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, rank, trained, ms, peak, new, old in rows:
+        print(f"| {name} | {rank} | {f'{trained:,}' if trained else ''} | {f'{ms:.0f} ms' if ms else ''} | "
+              f"{f'{peak:.0f} MB' if peak else ''} | {new:.3f} | {old:.3f} |")
+    print("\n" + text_plot([(f"{n[0].upper()}{r or ''}", old, new) for n, r, _, _, _, new, old in rows[1:]],
+                            "old domain bpb (forgets: to the right)", "new domain bpb (learns: down)"))
+
+
+def text_plot(points, xlabel, ylabel, width=60, height=16):
+    """A scatter plot in text: points are (label, x, y)."""
+    xs, ys = [p[1] for p in points], [p[2] for p in points]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    grid = [[" "] * width for _ in range(height)]
+    for label, x, y in points:
+        col = round((x - x0) / max(x1 - x0, 1e-9) * (width - len(label)))
+        row = round((y - y0) / max(y1 - y0, 1e-9) * (height - 1))
+        grid[row][col:col + len(label)] = label
+    lines = [f"{y0 + (y1 - y0) * i / (height - 1):7.3f} |" + "".join(r) for i, r in enumerate(grid)]
+    return "\n".join(["```", f"{ylabel}", *lines, " " * 8 + "+" + "-" * width,
+                      f"{'':8}{x0:<10.3f}{xlabel:^{width - 20}}{x1:>10.3f}", "```"])
+
+
 SECTIONS = {"tokenizer": bench_tokenizer, "prepare": bench_prepare, "train": bench_train, "model": bench_model,
             "attention": bench_attention, "sample": bench_sample}  # train first: its subprocess wants idle cores
+STUDIES = {"lora": bench_lora}  # longer experiments, run only when named: python bench.py lora
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(SECTIONS)
     for name in names:
-        if name not in SECTIONS:
-            sys.exit(f"bench.py: unknown section {name!r}; choose from {', '.join(SECTIONS)}")
+        if name not in SECTIONS | STUDIES:
+            sys.exit(f"bench.py: unknown section {name!r}; choose from {', '.join(SECTIONS | STUDIES)}")
     for name in names:
-        SECTIONS[name]()
+        (SECTIONS | STUDIES)[name]()
