@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import bpe  # atomic writes
 import prepare  # the downloader, for from_pretrained(name)
 
 
@@ -544,9 +545,26 @@ def load_base(name_or_path):
 # Hugging Face checkpoints: config.json, safetensors, and the names of the weights
 
 
+# GPTConfig field -> Hugging Face config.json key, for each family; and the settings that
+# make a GPTConfig that family. Read one way by config_from_hf, the other by config_to_hf.
+HF_CONFIG = {
+    "gpt2": {"vocab_size": "vocab_size", "block_size": "n_positions", "n_layer": "n_layer", "n_head": "n_head",
+             "n_embd": "n_embd", "mlp_hidden": "n_inner", "norm_eps": "layer_norm_epsilon",
+             "tie_embeddings": "tie_word_embeddings"},
+    "llama": {"vocab_size": "vocab_size", "block_size": "max_position_embeddings", "n_layer": "num_hidden_layers",
+              "n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads", "n_embd": "hidden_size",
+              "mlp_hidden": "intermediate_size", "norm_eps": "rms_norm_eps", "rope_theta": "rope_theta",
+              "tie_embeddings": "tie_word_embeddings"}}
+HF_FAMILY = {"gpt2": dict(norm="layernorm", mlp="gelu", pos="learned"),
+             "llama": dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False)}
+HF_CLASS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+
+
 def config_from_hf(hf, **overrides):
     """A GPTConfig from a Hugging Face config.json of the gpt2 or llama family."""
     kind = hf.get("model_type")
+    if kind not in HF_CONFIG:
+        raise ValueError(f"model_type {kind!r} is not supported: use a gpt2 or llama checkpoint")
     if kind == "gpt2":
         unsupported = [what for what, used in [
             (f"the activation {hf.get('activation_function')!r}",
@@ -554,57 +572,75 @@ def config_from_hf(hf, **overrides):
             ("unscaled attention", not hf.get("scale_attn_weights", True)),
             ("attention scaled by layer", hf.get("scale_attn_by_inverse_layer_idx")),
             ("reordered attention", hf.get("reorder_and_upcast_attn"))] if used]
-        if unsupported:
-            raise ValueError(f"this GPT-2 config uses {', '.join(unsupported)}, which model.py does not have")
-        kw = dict(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
-                  n_head=hf["n_head"], n_embd=hf["n_embd"], mlp_hidden=hf.get("n_inner") or 0,
-                  norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=hf.get("tie_word_embeddings", True))
-    elif kind == "llama":
-        rope = hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta", 10000.0)}
+    else:
+        hf = dict(hf, rope_theta=(hf.get("rope_parameters") or hf).get("rope_theta", 10000.0))
         heads, width = hf["num_attention_heads"], hf["hidden_size"]
         unsupported = [what for what, used in [
-            ("RoPE scaling", hf.get("rope_scaling") or rope.get("rope_type", "default") != "default"),
+            ("RoPE scaling", hf.get("rope_scaling") or (hf.get("rope_parameters") or {}).get("rope_type", "default")
+             != "default"),
             ("biases", hf.get("attention_bias") or hf.get("mlp_bias")),
             (f"the activation {hf.get('hidden_act')!r}", hf.get("hidden_act", "silu") != "silu"),
             ("a head_dim that does not split hidden_size", hf.get("head_dim", width // heads) * heads != width)]
             if used]
-        if unsupported:
-            raise ValueError(f"this Llama config uses {', '.join(unsupported)}, which model.py does not have")
-        kw = dict(vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"], n_layer=hf["num_hidden_layers"],
-                  n_head=heads, n_kv_head=hf.get("num_key_value_heads") or 0, n_embd=width,
-                  mlp_hidden=hf["intermediate_size"], norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
-                  mlp="swiglu", pos="rope", rope_theta=rope["rope_theta"], bias=False,
-                  tie_embeddings=hf.get("tie_word_embeddings", False))
+    if unsupported:
+        raise ValueError(f"this {kind} config uses {', '.join(unsupported)}, which model.py does not have")
+    kw = {ours: hf[key] for ours, key in HF_CONFIG[kind].items() if hf.get(key) is not None}
+    kw.setdefault("tie_embeddings", kind == "gpt2")  # each family's default when config.json does not say
+    return GPTConfig(**{**HF_FAMILY[kind], **kw, **overrides})
+
+
+def config_to_hf(cfg, eot_id=None):
+    """A Hugging Face config.json for a GPTConfig: GPT2LMHeadModel for GPT-2's settings
+    (bias=False too: exported as zero biases, which is exact), LlamaForCausalLM for
+    Llama's. A mix that neither class has is an error that names the setting."""
+    for kind, family in HF_FAMILY.items():
+        if cfg.norm == family["norm"]:
+            break
+    clash = [f"{k}={getattr(cfg, k)!r}" for k, v in family.items() if getattr(cfg, k) != v]
+    if kind == "gpt2" and cfg.n_kv_head != cfg.n_head:
+        clash.append(f"n_kv_head={cfg.n_kv_head} (GPT-2 has no grouped-query attention)")
+    if clash:
+        raise ValueError(f"no transformers class has norm={cfg.norm!r} with {', '.join(clash)}: for "
+                         f"{HF_CLASS[kind]}, set {', '.join(f'{k}={v!r}' for k, v in family.items())}")
+    hf = {key: getattr(cfg, ours) for ours, key in HF_CONFIG[kind].items()}
+    hf.update(architectures=[HF_CLASS[kind]], model_type=kind, bos_token_id=eot_id, eos_token_id=eot_id,
+              torch_dtype="float32")
+    if kind == "gpt2":
+        hf.update(activation_function="gelu_new", n_inner=None if cfg.mlp_hidden == 4 * cfg.n_embd else cfg.mlp_hidden)
     else:
-        raise ValueError(f"model_type {kind!r} is not supported: use a gpt2 or llama checkpoint")
-    return GPTConfig(**{**kw, **overrides})
+        hf.update(hidden_act="silu", attention_bias=False, mlp_bias=False, head_dim=cfg.head_dim)
+    return hf
 
 
 def hf_names(cfg):
     """The name table between our weights and Hugging Face's, read both ways: one row per
-    tensor of ours, (our name, [Hugging Face names], transposed). Several of theirs are
-    stacked on rows into one of ours: Llama's q, k, v projections into our qkv, and gate
-    and up into our fc. GPT-2's Conv1D layers store weights as (in, out): transposed."""
+    tensor of ours, (our name, [(Hugging Face name, its rows)], transposed). Several of
+    theirs are stacked on rows into one of ours: Llama's q, k, v projections into our qkv,
+    and gate and up into our fc. GPT-2's Conv1D layers store weights as (in, out):
+    transposed. The embedding's rows are the vocabulary, not padded."""
+    H, Hkv, D, V = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.vocab_size
     if cfg.norm == "layernorm":  # GPT-2
-        rows = [("wte.weight", ["wte.weight"], False), ("wpe.weight", ["wpe.weight"], False)]
+        rows = [("wte.weight", [("wte.weight", V)], False), ("wpe.weight", [("wpe.weight", None)], False)]
         for i in range(cfg.n_layer):
             for ours, hf in [("norm1", "ln_1"), ("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
                              ("norm2", "ln_2"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")]:
-                rows += [(f"blocks.{i}.{ours}.weight", [f"h.{i}.{hf}.weight"], not ours.startswith("norm")),
-                         (f"blocks.{i}.{ours}.bias", [f"h.{i}.{hf}.bias"], False)]
-        rows += [("norm_f.weight", ["ln_f.weight"], False), ("norm_f.bias", ["ln_f.bias"], False)]
+                rows += [(f"blocks.{i}.{ours}.weight", [(f"h.{i}.{hf}.weight", None)], not ours.startswith("norm")),
+                         (f"blocks.{i}.{ours}.bias", [(f"h.{i}.{hf}.bias", None)], False)]
+        rows += [("norm_f.weight", [("ln_f.weight", None)], False), ("norm_f.bias", [("ln_f.bias", None)], False)]
     else:  # Llama
-        rows = [("wte.weight", ["model.embed_tokens.weight"], False)]
+        rows = [("wte.weight", [("model.embed_tokens.weight", V)], False)]
         for i in range(cfg.n_layer):
             p = f"model.layers.{i}."
-            for ours, hf in [("norm1", ["input_layernorm"]), ("attn.qkv", ["self_attn.q_proj", "self_attn.k_proj",
-                             "self_attn.v_proj"]), ("attn.proj", ["self_attn.o_proj"]),
-                             ("norm2", ["post_attention_layernorm"]), ("mlp.fc", ["mlp.gate_proj", "mlp.up_proj"]),
-                             ("mlp.proj", ["mlp.down_proj"])]:
-                rows.append((f"blocks.{i}.{ours}.weight", [p + h + ".weight" for h in hf], False))
-        rows.append(("norm_f.weight", ["model.norm.weight"], False))
+            for ours, hf in [("norm1", [("input_layernorm", None)]),
+                             ("attn.qkv", [("self_attn.q_proj", H * D), ("self_attn.k_proj", Hkv * D),
+                                           ("self_attn.v_proj", Hkv * D)]),
+                             ("attn.proj", [("self_attn.o_proj", None)]), ("norm2", [("post_attention_layernorm", None)]),
+                             ("mlp.fc", [("mlp.gate_proj", cfg.mlp_hidden), ("mlp.up_proj", cfg.mlp_hidden)]),
+                             ("mlp.proj", [("mlp.down_proj", None)])]:
+                rows.append((f"blocks.{i}.{ours}.weight", [(p + h + ".weight", n) for h, n in hf], False))
+        rows.append(("norm_f.weight", [("model.norm.weight", None)], False))
     if not cfg.tie_embeddings:
-        rows.append(("lm_head.weight", ["lm_head.weight"], False))
+        rows.append(("lm_head.weight", [("lm_head.weight", V)], False))
     return rows
 
 
@@ -617,7 +653,8 @@ def hf_to_ours(tensors, cfg):
     if cfg.tie_embeddings:
         tensors.pop("lm_head.weight", None)  # a copy of the embedding, if saved at all
     out = {}
-    for ours, names, transposed in hf_names(cfg):
+    for ours, parts, transposed in hf_names(cfg):
+        names = [n for n, _ in parts]
         missing = [n for n in names if n not in tensors]
         if missing:
             raise ValueError(f"no tensor {missing[0]!r} in the checkpoint")
@@ -626,6 +663,23 @@ def hf_to_ours(tensors, cfg):
         out[ours].hf_name = names[0]
     if tensors:
         raise ValueError(f"unused tensor {next(iter(tensors))!r} in the checkpoint: it does not fit this config")
+    return out
+
+
+def ours_to_hf(state, cfg):
+    """Our weights named (split, transposed, unpadded) as Hugging Face's, by hf_names: the
+    inverse of hf_to_ours. A GPT-2 without biases gets zero biases, which is exact."""
+    out = {}
+    for ours, parts, transposed in hf_names(cfg):
+        t = state.get(ours)
+        if t is None:  # a bias of bias=False
+            t = torch.zeros(state[ours.replace(".bias", ".weight")].shape[0 if not transposed else 1])
+        t = t.detach().t() if transposed else t.detach()
+        start = 0
+        for name, rows in parts:
+            rows = rows or (t.shape[1] if transposed else t.shape[0])
+            piece = t[:, start:start + rows] if transposed else t[start:start + rows]
+            out[name], start = piece.contiguous(), start + rows
     return out
 
 
@@ -667,3 +721,26 @@ def load_safetensors(path):
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not a valid safetensors file: {e}") from None
     return tensors
+
+
+def save_safetensors(tensors, path, metadata=None):
+    """The inverse of load_safetensors: name -> tensor written as a .safetensors file,
+    atomically. The JSON header is padded with spaces to a multiple of 8 bytes, so every
+    tensor's data starts aligned. Tensors that share memory (tied weights) must be given
+    once: the format has no shared storage."""
+    dtype_names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    header, offset = {"__metadata__": metadata or {}}, 0
+    for name, t in tensors.items():
+        if t.dtype not in dtype_names:
+            raise ValueError(f"tensor {name!r} is {t.dtype}: safetensors here holds {', '.join(dtype_names.values())}")
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": dtype_names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with bpe.atomic_write(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for t in tensors.values():
+            t = t.detach().cpu().contiguous()
+            raw = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()  # numpy has no bf16
+            f.write(raw.astype(raw.dtype.newbyteorder("<"), copy=False).tobytes())  # little-endian

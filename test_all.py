@@ -1228,6 +1228,44 @@ def test_model_lora_bad_settings():
             model.add_lora(copy_of(m), **args)
 
 
+@pytest.mark.parametrize("kw", [
+    dict(),  # GPT-2
+    dict(bias=False, tie_embeddings=False, mlp_hidden=96),  # GPT-2 without biases: zero biases, exactly
+    dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, n_kv_head=2, tie_embeddings=False),  # Llama, GQA
+    dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, n_kv_head=1, rope_theta=5e5),  # MQA, tied
+])
+def test_model_weights_export_to_transformers(kw, tmp_path):
+    import transformers
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=1000, block_size=64, n_layer=2, n_head=4, n_embd=64, **kw)).eval()
+    for p in m.parameters():
+        p.data.normal_(0, 0.1)
+    (tmp_path / "config.json").write_text(json.dumps(model.config_to_hf(m.cfg, eot_id=0)))
+    model.save_safetensors(model.ours_to_hf(m.state_dict(), m.cfg), tmp_path / "model.safetensors", {"format": "pt"})
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(hf).__name__ == ("GPT2LMHeadModel" if "norm" not in kw else "LlamaForCausalLM")
+    idx = torch.randint(0, 1000, (2, 30))
+    with torch.no_grad():
+        ours, theirs = m(idx, all_logits=True)[0], hf(idx).logits
+    assert (ours - theirs).abs().max() <= 1e-4
+    back = GPT.from_pretrained(str(tmp_path)).eval()  # and back again
+    assert torch.equal(back(idx, all_logits=True)[0], ours)
+    # the writer is the reader's inverse, bf16 and empty tensors included
+    t = {"a": torch.randn(3, 5).bfloat16(), "b": torch.zeros(0), "c": torch.arange(7.0, dtype=torch.float64)}
+    model.save_safetensors(t, tmp_path / "t.safetensors")
+    assert all(torch.equal(x, t[k]) for k, x in model.load_safetensors(tmp_path / "t.safetensors").items())
+
+
+def test_model_export_refuses_what_transformers_cannot_express():
+    for kw, msg in [(dict(pos="rope"), "norm='layernorm' with pos='rope'"),
+                    (dict(n_kv_head=2), "n_kv_head=2 (GPT-2 has no grouped-query attention)"),
+                    (dict(norm="rmsnorm"), "norm='rmsnorm' with mlp='gelu', pos='learned', bias=True"),
+                    (dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=True), "bias=True")]:
+        with pytest.raises(ValueError, match=regex.escape(msg)):
+            model.config_to_hf(GPTConfig(vocab_size=100, block_size=8, n_layer=1, n_head=4, n_embd=32, **kw))
+
+
 def test_model_runs_without_triton():
     code = ("import sys, torch, model; m = model.GPT(model.GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=100, "
             "block_size=16)); m.generate(torch.zeros(1, 3, dtype=torch.long), 5); "
