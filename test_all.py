@@ -1105,6 +1105,60 @@ def test_flash_varlen_documents(dtype):
         assert (lse[:, a:b].double() - lse_ref[0]).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("Y,X", [(32, 16), (16, 32)])
+@pytest.mark.parametrize("LOWER,UPPER", [(False, False), (True, False), (False, True), (True, True)])
+def test_flash_loop_ranges(Y, X, LOWER, UPPER):
+    # flash._blocks against brute force. A program holds rows y0 .. y0+Y-1 and loops over
+    # blocks of X rows x; y attends x if x < x_len, y + a <= x (LOWER) and x <= y + b (UPPER).
+    # The loops must visit every block where some pair attends, and run unmasked exactly
+    # the blocks where every pair attends
+    import flash
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def ranges(P, OUT, blocks: tl.constexpr, Y: tl.constexpr, X: tl.constexpr, LOWER: tl.constexpr,
+               UPPER: tl.constexpr, N: tl.constexpr):  # N cases at once: _blocks works elementwise
+        i = 4 * tl.arange(0, N)
+        lo, full_lo, full_hi, hi = blocks(tl.load(P + i), Y, X, tl.load(P + i + 1), tl.load(P + i + 2),
+                                          tl.load(P + i + 3), LOWER, UPPER)
+        tl.store(OUT + i, lo)
+        tl.store(OUT + i + 1, full_lo)
+        tl.store(OUT + i + 2, full_hi)
+        tl.store(OUT + i + 3, hi)
+
+    rng = random.Random(Y + 2 * LOWER + UPPER)
+    params = torch.tensor([(rng.randrange(0, 100, Y), rng.randrange(0, 100), rng.randrange(-70, 70),
+                            rng.randrange(-70, 70)) for _ in range(512)], dtype=torch.int32)  # y0, x_len, a, b
+    out = torch.full_like(params, -1)
+    ranges[(1,)](params, out, flash._blocks, Y, X, LOWER, UPPER, len(params))
+    for (y0, x_len, a, b), (lo, full_lo, full_hi, hi) in zip(params.tolist(), out.tolist()):
+        y, x = torch.arange(y0, y0 + Y)[:, None], torch.arange(0, -(-x_len // X) * X)[None, :]
+        attends = (x < x_len) & ((y + a <= x) | (not LOWER)) & ((x <= y + b) | (not UPPER))  # (Y, blocks * X)
+        pairs = attends.view(Y, -1, X).transpose(0, 1).flatten(1)  # (blocks, Y * X)
+        some, every = [X * i for i in pairs.any(1).nonzero()[:, 0].tolist()], [X * i for i in pairs.all(1).nonzero()[:, 0].tolist()]
+        unmasked = list(range(full_lo, full_hi, X))
+        visited = [*range(lo, full_lo, X), *unmasked, *range(full_hi, hi, X)]  # as the kernels loop
+        case = (y0, x_len, a, b, lo, full_lo, full_hi, hi)
+        assert len(set(visited)) == len(visited) and set(some) <= set(visited) <= set(range(0, x_len, X)), case
+        assert unmasked == every, case
+
+
+@pytest.mark.parametrize("forward,dkdv", [((16, 32), (32, 16)), ((16, 16), (16, 16))])
+def test_flash_block_shapes(forward, dkdv, monkeypatch):
+    # the loop bounds (_blocks) for tiles shaped unlike the interpreter's default (32 x 16
+    # queries x keys; dK/dV 16 x 32): which blocks straddle the diagonal, the window's edge
+    # or the end, and which are full, so unmasked
+    import flash
+    import triton
+    for kernel, (m, n) in [(flash._forward, forward), (flash._backward_dkdv, dkdv), (flash._backward_dq, forward)]:
+        monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=1, num_stages=1)])
+    for B, Tq, Tk, H, Hkv, D, causal, window in [(1, 50, 50, 2, 1, 32, True, None), (1, 21, 70, 2, 2, 16, True, None),
+                                                  (1, 70, 37, 2, 2, 16, True, None), (1, 64, 64, 2, 2, 16, True, 17),
+                                                  (1, 47, 61, 2, 1, 16, False, 9), (2, 33, 33, 2, 2, 16, False, None)]:
+        check_flash(B, Tq, Tk, H, Hkv, D, causal, window)
+
+
 def test_flash_in_the_model():
     # model.py with attn="flash" gives what attn="sdpa" gives: plain, packed documents, KV cache
     m = tiny("llama")
