@@ -30,40 +30,75 @@ window, before the end) run a loop of their own with no mask at all; only the fe
 straddle an edge compute it. Scores use base 2 (exp2 is one instruction): s * log2(e).
 Read next: train.py.
 """
+import concurrent.futures
+import functools
 import os
+import re
+import subprocess
+import tempfile
 
 import torch
 import triton
 import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # triton's CPU interpreter, for tests
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 LN2 = tl.constexpr(0.6931471805599453)  # log(x) = log2(x) * LN2
 
 
+# Autotune candidates per kernel and padded head dim: (BLOCK_M, BLOCK_N, warps, stages).
+# BLOCK_M counts queries and BLOCK_N keys; a program holds one block for its whole life
+# (queries in the forward and dQ, keys in dK/dV) and loops over blocks of the other.
+# The rule that prunes them: a candidate is kept only if ptxas builds it for sm_90 (H100)
+# and for sm_80 (A100), causal or not, with no spill and at most 240 of the 255 registers,
+# in triton 3.6 and in 3.9. The 15 to spare absorb another version's drift: on the same
+# kernel, 3.6 and 3.9 differ by up to 72 registers on sm_80. test_all.py checks, with the
+# installed triton, that no kept candidate spills; `python bench.py kernels` prints what
+# each costs. Among the clean ones, the lists keep what matters on an H100: 128-row forward
+# tiles at 8 warps with 3 and 4 stages. Left out by the rule, for example: the forward's
+# 128 x 128 at d=64 (251 registers), its 128 x 64 at d=128 (a 16-byte spill on sm_80 with
+# triton 3.6), and dK/dV's 64 x 64 at d=128 (a 104-byte spill on sm_90).
+CANDIDATES = {
+    "forward": {64: [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)],
+                128: [(128, 32, 8, 3), (128, 32, 8, 4), (64, 64, 8, 3)],
+                256: [(64, 16, 8, 2), (64, 16, 8, 3), (32, 16, 4, 2)]},
+    "backward_dkdv": {64: [(32, 64, 8, 3), (32, 128, 8, 3)],
+                      128: [(32, 64, 8, 2), (32, 64, 8, 3)],
+                      256: [(16, 32, 8, 2), (32, 32, 8, 3)]},
+    "backward_dq": {64: [(64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)],
+                    128: [(64, 32, 4, 3), (64, 64, 8, 3), (128, 32, 8, 3)],
+                    256: [(64, 16, 8, 2), (32, 16, 4, 2)]},
+}
+
+
+def candidates(kernel, head_dim):
+    """The kept candidates for a head dim: those of the smallest listed dim that holds it."""
+    return CANDIDATES[kernel][min(d for d in CANDIDATES[kernel] if d >= head_dim)]
+
+
 def _autotune(kernel):
-    """triton.autotune over candidate block sizes, warps and pipeline stages (H100); tuned
-    again for each head dim, mask kind and longest sequence (rounded up by _rows_key).
-    Under the interpreter: one small config, as speed does not matter there, its held
-    block the taller, as on a GPU."""
-    if INTERPRET:
+    """triton.autotune over the kernel's candidates; tuned again for each head dim, mask
+    kind and longest sequence (rounded up to a power of two by _rows_key)."""
+    if INTERPRET:  # one small config, as speed does not matter there; the held block the taller, as on a GPU
         m, n = (16, 32) if kernel == "backward_dkdv" else (32, 16)
         configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=1, num_stages=1)]
     else:
-        sizes = ([(128, 64), (128, 128), (64, 64), (64, 128)] if kernel == "forward" else
-                 [(64, 64), (128, 64), (64, 128), (32, 64)])
         configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                   for m, n in sizes for w in (4, 8) for s in (2, 3)]
+                   for m, n, w, s in sorted({c for lists in CANDIDATES[kernel].values() for c in lists})]
     return triton.autotune(configs, key=["HEAD_DIM", "CAUSAL", "WINDOW", "max_rows"],
-                           prune_configs_by={"early_config_prune": _prune})
+                           prune_configs_by={"early_config_prune": functools.partial(_prune, kernel)})
 
 
-def _prune(configs, named_args, **kwargs):
+def _prune(kernel, configs, named_args, **kwargs):
+    kept = set(candidates(kernel, kwargs["HEAD_DIM"]))
+    configs = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in kept]
     # a block far taller than the longest sequence only computes padding (decoding: 1 query)
     rows = max(16, named_args["max_rows"])
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= rows and c.kwargs["BLOCK_N"] <= max(rows, 64)]
+    short = [c for c in configs if c.kwargs["BLOCK_M"] <= rows and c.kwargs["BLOCK_N"] <= max(rows, 64)]
     smallest = min(c.kwargs["BLOCK_M"] for c in configs)
-    return kept or [c for c in configs if c.kwargs["BLOCK_M"] == smallest]
+    return short or [c for c in configs if c.kwargs["BLOCK_M"] == smallest]
 
 
 @triton.jit
@@ -474,3 +509,59 @@ def flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, causal=True, softmax_scal
     o, lse = _FlashAttention.apply(q, k, v, cu, cu, max_seqlen, max_seqlen, causal,
                                    q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale, window)
     return (o, lse) if return_lse else o
+
+# -----------------------------------------------------------------------------
+# Ahead-of-time builds: what each kernel costs on a GPU, read off its binary without one
+
+KERNELS = {"forward": _forward, "backward_dkdv": _backward_dkdv, "backward_dq": _backward_dq}
+SHARED_MEMORY = {90: 232448, 80: 166912}  # bytes a block may use: H100, A100
+
+
+def build(kernel, head_dim, causal, candidate, arch):
+    """Compile one kernel (a name in KERNELS) with one candidate, in bf16, for an NVIDIA GPU
+    of compute capability `arch` (90: H100, 80: A100), with triton's own ptxas: no GPU
+    needed. Returns the registers per thread, the bytes spilled to local memory (ptxas's
+    stack), the shared memory, and whether it uses wgmma (Hopper's warpgroup matrix
+    multiply, HGMMA) and cp.async (asynchronous copies to shared memory, LDGSTS, which
+    pipelining needs), read off the PTX: ptxas makes each the one machine instruction."""
+    if INTERPRET:
+        raise RuntimeError("flash.build compiles for a GPU: run it without TRITON_INTERPRET=1")
+    fn = KERNELS[kernel].fn
+    block_m, block_n, warps, stages = candidate
+    meta = dict(HEAD_DIM=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)), CAUSAL=causal, WINDOW=False,
+                PRECISION=None, BLOCK_M=block_m, BLOCK_N=block_n)
+    # the signature the JIT specializes a launch to: upper-case names are pointers (16-byte
+    # aligned, as torch allocates), and strides are multiples of 16 (as with head dims of
+    # 64 and 128). Without those facts, loads are neither vectorized nor pipelined.
+    pointers = {"LSE": "*fp32", "DELTA": "*fp32", "CU_Q": "*i32", "CU_K": "*i32"}
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in meta:
+            signature[name], constexprs[(i,)] = "constexpr", meta[name]
+        elif name.isupper() or name.startswith("stride"):
+            signature[name] = pointers.get(name, "*bf16") if name.isupper() else "i32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "fp32" if name == "scale" else "i32"
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=warps, num_stages=stages))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", cubin.name], check=True,
+                               capture_output=True, text=True).stdout
+    ptx = compiled.asm["ptx"]
+    return dict(registers=int(re.search(r"REG:(\d+)", usage)[1]), spill=int(re.search(r"STACK:(\d+)", usage)[1]),
+                shared=compiled.metadata.shared, wgmma="wgmma.mma_async" in ptx,
+                cp_async=re.search(r"cp\.async\.c[ag]\.", ptx) is not None)
+
+
+def report(archs=(90, 80), processes=None):
+    """build() every kept candidate of every kernel and head dim, causal and not, for each
+    arch, in parallel processes. Returns one dict per build, naming what it built."""
+    jobs = [(kernel, d, causal, c, arch) for kernel in KERNELS for d, cs in CANDIDATES[kernel].items() for c in cs
+            for causal in (True, False) for arch in archs]
+    with concurrent.futures.ProcessPoolExecutor(processes) as pool:
+        results = pool.map(build, *zip(*jobs))
+        return [dict(kernel=kernel, head_dim=d, causal=causal, candidate=c, arch=arch, **result)
+                for (kernel, d, causal, c, arch), result in zip(jobs, results)]

@@ -1196,6 +1196,50 @@ def test_flash_cuda_large(dtype, causal):
     for B, T, H, Hkv, D, window in [(2, 1024, 8, 2, 64, None), (1, 2048, 4, 4, 128, None), (1, 1000, 6, 3, 96, 256)]:
         check_flash(B, T, T, H, Hkv, D, causal, window, dtype, device="cuda")
 
+
+def test_flash_autotune_sees_only_kept_candidates():
+    # the autotuner holds every kernel's candidates for all head dims; _prune hands it those
+    # kept for the launch's head dim, and only small tiles for short sequences (decoding)
+    import flash
+    import triton
+    for kernel, lists in flash.CANDIDATES.items():
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                   for m, n, w, s in {c for cs in lists.values() for c in cs}]
+        for d in (16, 64, 80, 128, 256):
+            kept = flash._prune(kernel, configs, {"max_rows": 4096}, HEAD_DIM=d)
+            assert sorted((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept) == \
+                sorted(flash.candidates(kernel, d)), (kernel, d)
+            one_row = flash._prune(kernel, configs, {"max_rows": 1}, HEAD_DIM=d)
+            assert {c.kwargs["BLOCK_M"] for c in one_row} == {min(c[0] for c in flash.candidates(kernel, d))}
+
+
+def test_flash_kernels_compile_for_h100_and_a100_without_spilling():
+    # triton compiles ahead of time for a GPU named by its compute capability, on CPU:
+    # flash.report builds every kept autotune candidate of every kernel and head dim (64,
+    # 128, 256), causal and not, bf16, for sm_90 and sm_80. A spill would put registers in
+    # local memory, which is slow; no kept candidate may spill
+    import flash
+    import triton
+    try:
+        triton.knobs.nvidia.ptxas.path, triton.knobs.nvidia.cuobjdump.path
+    except RuntimeError as e:
+        pytest.skip(f"needs the ptxas and cuobjdump that triton's wheel ships: {e}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter compiles nothing
+    run = subprocess.run([sys.executable, "-c", "import json, flash; print(json.dumps(flash.report()))"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stderr[-5000:]
+    rows = json.loads(run.stdout.splitlines()[-1])
+    assert len(rows) == 2 * 2 * sum(len(cs) for lists in flash.CANDIDATES.values() for cs in lists.values())
+    assert [r for r in rows if r["spill"]] == []
+    assert all(r["cp_async"] for r in rows)  # pipelined: the JIT's divisibility facts were given
+    assert all(r["wgmma"] for r in rows if r["arch"] == 90 and r["head_dim"] <= 128)  # 256's tiles are too small
+    shared = collections.defaultdict(list)  # per kernel, head dim, causal and arch
+    for r in rows:
+        shared[r["kernel"], r["head_dim"], r["causal"], r["arch"]].append(r["shared"])
+    # every kept candidate fits in an H100's shared memory, and each case has one that fits an A100's
+    assert all(max(s) <= flash.SHARED_MEMORY[90] for (*_, arch), s in shared.items() if arch == 90)
+    assert all(min(s) <= flash.SHARED_MEMORY[arch] for (*_, arch), s in shared.items())
+
 # -----------------------------------------------------------------------------
 # train.py
 
