@@ -1136,7 +1136,8 @@ def test_flash_loop_ranges(Y, X, LOWER, UPPER):
         y, x = torch.arange(y0, y0 + Y)[:, None], torch.arange(0, -(-x_len // X) * X)[None, :]
         attends = (x < x_len) & ((y + a <= x) | (not LOWER)) & ((x <= y + b) | (not UPPER))  # (Y, blocks * X)
         pairs = attends.view(Y, -1, X).transpose(0, 1).flatten(1)  # (blocks, Y * X)
-        some, every = [X * i for i in pairs.any(1).nonzero()[:, 0].tolist()], [X * i for i in pairs.all(1).nonzero()[:, 0].tolist()]
+        starts = torch.arange(len(pairs)) * X
+        some, every = starts[pairs.any(1)].tolist(), starts[pairs.all(1)].tolist()
         unmasked = list(range(full_lo, full_hi, X))
         visited = [*range(lo, full_lo, X), *unmasked, *range(full_hi, hi, X)]  # as the kernels loop
         case = (y0, x_len, a, b, lo, full_lo, full_hi, hi)
