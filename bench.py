@@ -331,6 +331,40 @@ def bench_attention():
 
 
 # -----------------------------------------------------------------------------
+# kernels: what flash.py's kernels cost on an H100 and an A100, compiled ahead of time on CPU
+
+
+def bench_kernels():
+    import triton
+    import flash
+    try:
+        triton.knobs.nvidia.ptxas.path, triton.knobs.nvidia.cuobjdump.path
+    except RuntimeError as e:
+        print(f"\n### Kernels\n\nneeds the ptxas and cuobjdump that triton's wheel ships ({e}): skipped")
+        return
+    rows = flash.report()
+    header("flash.py's kernels compiled for sm_90 (H100) and sm_80 (A100): every kept autotune candidate, bf16 "
+           "(`python bench.py kernels`)", {"triton": triton.__version__})
+    print("Registers per thread (causal, not causal), bytes spilled, shared memory, and whether the binary uses wgmma "
+          "and cp.async.\n")
+    print("| kernel | d | BLOCK_M x BLOCK_N, warps, stages | sm_90 registers | spill | shared KB | wgmma | cp.async | "
+          "sm_80 registers | spill | shared KB | wgmma | cp.async |")
+    print("|---|---:|---|---:|---:|---:|---|---|---:|---:|---:|---|---|")
+    builds = {}  # (kernel, head dim, candidate) -> arch -> its causal build, then the non-causal one
+    for r in rows:
+        builds.setdefault((r["kernel"], r["head_dim"], tuple(r["candidate"])), {}).setdefault(r["arch"], []).append(r)
+
+    def cells(rs):
+        uses = ["yes" if all(r[key] for r in rs) else "no" for key in ("wgmma", "cp_async")]
+        return [", ".join(str(r["registers"]) for r in rs), str(max(r["spill"] for r in rs)),
+                f"{max(r['shared'] for r in rs) / 1024:.0f}", *uses]
+
+    for (kernel, d, (m, n, warps, stages)), by_arch in builds.items():
+        print("| " + " | ".join([kernel, str(d), f"{m} x {n}, {warps}, {stages}", *cells(by_arch[90]),
+                                 *cells(by_arch[80])]) + " |")
+
+
+# -----------------------------------------------------------------------------
 # train: whole training steps of train.py (data, accumulation, optimizer, logging)
 # against a plain eager PyTorch loop over the same model
 
@@ -532,7 +566,8 @@ def text_plot(points, xlabel, ylabel, width=60, height=16):
 
 
 SECTIONS = {"tokenizer": bench_tokenizer, "prepare": bench_prepare, "train": bench_train, "model": bench_model,
-            "attention": bench_attention, "sample": bench_sample}  # train first: its subprocess wants idle cores
+            "attention": bench_attention, "kernels": bench_kernels,
+            "sample": bench_sample}  # train first: its subprocess wants idle cores
 STUDIES = {"lora": bench_lora}  # longer experiments, run only when named: python bench.py lora
 
 if __name__ == "__main__":

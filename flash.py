@@ -25,224 +25,370 @@ where P is recomputed from q, k and lse, dP = dO V^T, and dS = P * (dP - delta).
 Masks: keys past a sequence's end; causal (query i sees key j if j <= i + Tk - Tq: the
 diagonal aligns bottom-right, so a prefill of new queries against a KV cache works);
 a sliding window of `window` keys to the left. Blocks that a mask empties completely
-are skipped by the loop bounds. Scores use base 2 (exp2 is one instruction): s * log2(e).
+are skipped by the loop bounds; blocks it leaves full (below the diagonal, inside the
+window, before the end) run a loop of their own with no mask at all; only the few that
+straddle an edge compute it. Scores use base 2 (exp2 is one instruction): s * log2(e).
 Read next: train.py.
 """
+import concurrent.futures
+import functools
 import os
+import re
+import subprocess
+import tempfile
 
 import torch
 import triton
 import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # triton's CPU interpreter, for tests
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 LN2 = tl.constexpr(0.6931471805599453)  # log(x) = log2(x) * LN2
 
 
-def _configs(forward):
-    """Candidate block sizes, warps and pipeline stages for triton.autotune (H100).
-    Under the interpreter: one small config, as speed does not matter there."""
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    sizes = [(128, 64), (128, 128), (64, 64), (64, 128)] if forward else [(64, 64), (128, 64), (64, 128), (32, 64)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n in sizes for w in (4, 8) for s in (2, 3)]
+# Autotune candidates per kernel and padded head dim: (BLOCK_M, BLOCK_N, warps, stages).
+# BLOCK_M counts queries and BLOCK_N keys; a program holds one block for its whole life
+# (queries in the forward and dQ, keys in dK/dV) and loops over blocks of the other.
+# The rule that prunes them: a candidate is kept only if ptxas builds it for sm_90 (H100)
+# and for sm_80 (A100), causal or not, with no spill and at most 240 of the 255 registers,
+# in triton 3.6 and in 3.9. The 15 to spare absorb another version's drift: on the same
+# kernel, 3.6 and 3.9 differ by up to 72 registers on sm_80. test_all.py checks, with the
+# installed triton, that no kept candidate spills; `python bench.py kernels` prints what
+# each costs. Among the clean ones, the lists keep what matters on an H100: 128-row forward
+# tiles at 8 warps with 3 and 4 stages. Left out by the rule, for example: the forward's
+# 128 x 128 at d=64 (251 registers), its 128 x 64 at d=128 (a 16-byte spill on sm_80 with
+# triton 3.6), and dK/dV's 64 x 64 at d=128 (a 104-byte spill on sm_90).
+CANDIDATES = {
+    "forward": {64: [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)],
+                128: [(128, 32, 8, 3), (128, 32, 8, 4), (64, 64, 8, 3)],
+                256: [(64, 16, 8, 2), (64, 16, 8, 3), (32, 16, 4, 2)]},
+    "backward_dkdv": {64: [(32, 64, 8, 3), (32, 128, 8, 3)],
+                      128: [(32, 64, 8, 2), (32, 64, 8, 3)],
+                      256: [(16, 32, 8, 2), (32, 32, 8, 3)]},
+    "backward_dq": {64: [(64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)],
+                    128: [(64, 32, 4, 3), (64, 64, 8, 3), (128, 32, 8, 3)],
+                    256: [(64, 16, 8, 2), (32, 16, 4, 2)]},
+}
 
 
-def _prune(configs, named_args, **kwargs):
+def candidates(kernel, head_dim):
+    """The kept candidates for a head dim: those of the smallest listed dim that holds it."""
+    return CANDIDATES[kernel][min(d for d in CANDIDATES[kernel] if d >= head_dim)]
+
+
+def _autotune(kernel):
+    """triton.autotune over the kernel's candidates; tuned again for each head dim, mask
+    kind and longest sequence (rounded up to a power of two by _rows_key)."""
+    if INTERPRET:  # one small config, as speed does not matter there; the held block the taller, as on a GPU
+        m, n = (16, 32) if kernel == "backward_dkdv" else (32, 16)
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=1, num_stages=1)]
+    else:
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                   for m, n, w, s in sorted({c for lists in CANDIDATES[kernel].values() for c in lists})]
+    return triton.autotune(configs, key=["HEAD_DIM", "CAUSAL", "WINDOW", "max_rows"],
+                           prune_configs_by={"early_config_prune": functools.partial(_prune, kernel)})
+
+
+def _prune(kernel, configs, named_args, **kwargs):
+    kept = set(candidates(kernel, kwargs["HEAD_DIM"]))
+    configs = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in kept]
     # a block far taller than the longest sequence only computes padding (decoding: 1 query)
     rows = max(16, named_args["max_rows"])
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= rows and c.kwargs["BLOCK_N"] <= max(rows, 64)]
+    short = [c for c in configs if c.kwargs["BLOCK_M"] <= rows and c.kwargs["BLOCK_N"] <= max(rows, 64)]
     smallest = min(c.kwargs["BLOCK_M"] for c in configs)
-    return kept or [c for c in configs if c.kwargs["BLOCK_M"] == smallest]
+    return short or [c for c in configs if c.kwargs["BLOCK_M"] == smallest]
 
 
 @triton.jit
-def _seq(CU, b):
-    """Where sequence b starts in the packed tensor, and its length."""
-    start = tl.load(CU + b)
-    return start, tl.load(CU + b + 1) - start
+def _locate(CU_Q, CU_K, n_heads, BLOCK: tl.constexpr):
+    """Where this program works: grid axis 1 is (sequence, head), axis 0 the block of
+    BLOCK rows within that sequence. Returns the head, each sequence's first row in the
+    packed q and k with its length, and the block's first row."""
+    b, h = tl.program_id(1) // n_heads, tl.program_id(1) % n_heads
+    q_start = tl.load(CU_Q + b)
+    k_start = tl.load(CU_K + b)
+    q_len = tl.load(CU_Q + b + 1) - q_start
+    k_len = tl.load(CU_K + b + 1) - k_start
+    return h, q_start, q_len, k_start, k_len, tl.program_id(0) * BLOCK
+
+
+@triton.jit
+def _blocks(y0, Y: tl.constexpr, X: tl.constexpr, x_len, a, b, LOWER: tl.constexpr, UPPER: tl.constexpr):
+    """The range of a kernel's loop. A program holds Y rows y0 .. y0+Y-1 of one kind and
+    loops over blocks of X rows of the other (keys for the forward and dQ, queries for dK
+    and dV), where row y attends x if x < x_len, y + a <= x (if LOWER) and x <= y + b (if
+    UPPER). Returns lo <= full_lo <= full_hi <= hi: blocks outside [lo, hi) attend nowhere
+    and are skipped; blocks in [full_lo, full_hi) attend everywhere and need no mask; the
+    few left straddle an edge (the diagonal, the window's edge, the sequence's end). The
+    held rows past their own sequence's end need no mask either: they were loaded as
+    zeros, and what they compute is never stored."""
+    lo, hi, full_lo, full_hi = 0, x_len, 0, x_len
+    if LOWER:
+        lo = tl.maximum(0, y0 + a) // X * X
+        full_lo = (tl.maximum(0, y0 + Y - 1 + a) + X - 1) // X * X  # rounded up
+    if UPPER:
+        hi = tl.maximum(lo, tl.minimum(x_len, y0 + Y + b))
+        full_hi = tl.maximum(0, tl.minimum(x_len, y0 + b + 1))
+    full_lo = tl.minimum(full_lo, hi)
+    return lo, full_lo, tl.maximum(full_lo, full_hi // X * X), hi
 
 
 @triton.jit
 def _keep(rows, cols, q_len, k_len, shift, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
-    """Which (query, key) pairs of a block attend: both inside their sequences, and the
-    key not in the future (causal), nor more than `window` keys to the left."""
-    keep = (rows[:, None] < q_len) & (cols[None, :] < k_len)
+    """Which (query, key) pairs of a straddling block attend: both inside their sequences,
+    and the key not in the future (causal), nor more than `window` keys to the left.
+    rows and cols broadcast to the block: (M, 1) and (1, N), or transposed."""
+    keep = (rows < q_len) & (cols < k_len)
     if CAUSAL:
-        keep &= cols[None, :] <= rows[:, None] + shift
+        keep &= cols <= rows + shift
     if WINDOW:
-        keep &= cols[None, :] >= rows[:, None] + shift - window
+        keep &= cols >= rows + shift - window
     return keep
 
 
-@triton.autotune(configs=_configs(True), key=["HEAD_DIM", "CAUSAL", "WINDOW", "max_rows"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _forward(Q, K, V, O, LSE, CU_Q, CU_K,
-             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-             n_heads, group, total_q, scale, window, max_rows,
+def _load_rows(X, row0, length, stride_t, dims, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BOUNDS: tl.constexpr):
+    """Rows row0 .. row0+ROWS-1 of X, a (length, HEAD_DIM) slice with row stride stride_t:
+    (ROWS, D_PAD), the head dim's padding read as 0, and (if BOUNDS) rows past the end too."""
+    rows = tl.arange(0, ROWS)
+    ptrs = X + tl.cast(row0, tl.int64) * stride_t + rows[:, None] * stride_t + dims[None, :]
+    mask = dims[None, :] < HEAD_DIM
+    if BOUNDS:
+        mask &= row0 + rows[:, None] < length
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(X, x, row0, length, stride_t, dims, HEAD_DIM: tl.constexpr):
+    """The inverse of _load_rows: rows past the end and the padding are not written."""
+    rows = tl.arange(0, x.shape[0])
+    ptrs = X + tl.cast(row0, tl.int64) * stride_t + rows[:, None] * stride_t + dims[None, :]
+    tl.store(ptrs, x.to(X.dtype.element_ty), mask=(row0 + rows[:, None] < length) & (dims[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _forward_blocks(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, lo, hi, rows, q_len, k_len, shift, window, dims,
+                    qk_scale, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """The online softmax over the key blocks that start in [lo, hi). Only MASKED blocks,
+    those that straddle an edge, compute which pairs attend and load with bounds."""
+    for n0 in range(lo, hi, BLOCK_N):
+        k = _load_rows(K, n0, k_len, stride_kt, dims, BLOCK_N, HEAD_DIM, MASKED)  # (BLOCK_N, D_PAD)
+        v = _load_rows(V, n0, k_len, stride_vt, dims, BLOCK_N, HEAD_DIM, MASKED)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        if MASKED:
+            keys = n0 + tl.arange(0, BLOCK_N)
+            keep = _keep(rows[:, None], keys[None, :], q_len, k_len, shift, window, CAUSAL, WINDOW)
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = m_new
+        if MASKED:
+            # a row that has seen no key yet still has m = -inf: measure from 0 instead, so
+            # that exp2 gives 0 rather than exp2(-inf - -inf) = NaN
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)  # rescales what was summed under the old maximum
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@_autotune("forward")
+@triton.jit
+def _forward(Q, stride_qt, stride_qh,  #
+             K, stride_kt, stride_kh,  #
+             V, stride_vt, stride_vh,  #
+             O, stride_ot, stride_oh,  #
+             LSE, CU_Q, CU_K,  #
+             n_heads, group, total_q, scale, window, max_rows,  #
              HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
              PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    b, h = tl.program_id(1) // n_heads, tl.program_id(1) % n_heads
-    kv_head = h // group  # GQA: `group` query heads share one key/value head
-    q_start, q_len = _seq(CU_Q, b)
-    k_start, k_len = _seq(CU_K, b)
-    m0 = tl.program_id(0) * BLOCK_M
+    h, q_start, q_len, k_start, k_len, m0 = _locate(CU_Q, CU_K, n_heads, BLOCK_M)
     if m0 >= q_len:
         return
     shift = k_len - q_len  # query i stands at key position i + shift
+    Q += q_start.to(tl.int64) * stride_qt + h * stride_qh  # this sequence's rows of this head
+    K += k_start.to(tl.int64) * stride_kt + (h // group) * stride_kh  # GQA: `group` query heads share one
+    V += k_start.to(tl.int64) * stride_vt + (h // group) * stride_vh
     rows = m0 + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, D_PAD)  # the head dim padded to a power of two; the pad is masked off
-    q = tl.load(Q + (q_start + rows.to(tl.int64))[:, None] * stride_qt + h * stride_qh + dims[None, :],
-                mask=(rows[:, None] < q_len) & (dims[None, :] < HEAD_DIM), other=0.0)
-    # the keys any query of this block may see: blocks outside [lo, hi) are skipped
-    lo, hi = 0, k_len
-    if CAUSAL:
-        hi = tl.minimum(k_len, m0 + BLOCK_M + shift)
-    if WINDOW:
-        lo = tl.maximum(0, m0 + shift - window) // BLOCK_N * BLOCK_N
+    q = _load_rows(Q, m0, q_len, stride_qt, dims, BLOCK_M, HEAD_DIM, True)  # past the end: zeros, never stored
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     qk_scale = scale * LOG2E  # scores in base 2
-    for n0 in range(lo, hi, BLOCK_N):
-        keys = n0 + cols
-        kv_mask = (keys[:, None] < k_len) & (dims[None, :] < HEAD_DIM)
-        k = tl.load(K + (k_start + keys.to(tl.int64))[:, None] * stride_kt + kv_head * stride_kh + dims[None, :],
-                    mask=kv_mask, other=0.0)
-        v = tl.load(V + (k_start + keys.to(tl.int64))[:, None] * stride_vt + kv_head * stride_vh + dims[None, :],
-                    mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-        s = tl.where(_keep(rows, keys, q_len, k_len, shift, window, CAUSAL, WINDOW), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row that has seen no key yet still has m = -inf: measure from 0 instead, so
-        # that exp2 gives 0 rather than exp2(-inf - -inf) = NaN
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_ref[:, None])
-        alpha = tl.exp2(m_i - m_ref)  # rescales what was summed under the old maximum
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    # query i sees key j if i + shift - window <= j (window) and j <= i + shift (causal)
+    lo, full_lo, full_hi, hi = _blocks(m0, BLOCK_M, BLOCK_N, k_len, shift - window, shift, WINDOW, CAUSAL)
+    if WINDOW:  # the blocks that straddle the window's left edge
+        acc, m_i, l_i = _forward_blocks(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, lo, full_lo, rows, q_len, k_len,
+                                        shift, window, dims, qk_scale, HEAD_DIM, CAUSAL, WINDOW, PRECISION, BLOCK_N,
+                                        True)
+    # the full blocks: below the diagonal, inside the window, before the end
+    acc, m_i, l_i = _forward_blocks(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, full_lo, full_hi, rows, q_len, k_len,
+                                    shift, window, dims, qk_scale, HEAD_DIM, CAUSAL, WINDOW, PRECISION, BLOCK_N, False)
+    # the blocks that straddle the diagonal or the last key
+    acc, m_i, l_i = _forward_blocks(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, full_hi, hi, rows, q_len, k_len,
+                                    shift, window, dims, qk_scale, HEAD_DIM, CAUSAL, WINDOW, PRECISION, BLOCK_N, True)
     # a row with no key at all (causal with Tq > Tk) gets o = 0 and lse = -inf
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    o = acc / l_safe[:, None]
+    _store_rows(O + q_start.to(tl.int64) * stride_ot + h * stride_oh, acc / l_safe[:, None], m0, q_len, stride_ot,
+                dims, HEAD_DIM)
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)  # natural log
-    tl.store(O + (q_start + rows.to(tl.int64))[:, None] * stride_ot + h * stride_oh + dims[None, :],
-             o.to(O.dtype.element_ty), mask=(rows[:, None] < q_len) & (dims[None, :] < HEAD_DIM))
     tl.store(LSE + h * total_q + q_start + rows, lse, mask=rows < q_len)
 
 
 @triton.jit
-def _probs(q, k, lse2, rows, keys, q_len, k_len, shift, window, qk_scale,
-           CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr):
-    """P of a (query block, key block), recomputed from the saved logsumexp (base 2)."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    p = tl.exp2(s - lse2[:, None])
-    return tl.where(_keep(rows, keys, q_len, k_len, shift, window, CAUSAL, WINDOW), p, 0.0)
+def _probs(a, b, lse2, rows, keys, q_len, k_len, shift, window, qk_scale,
+           CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """P of a (query block, key block), recomputed from the saved logsumexp (base 2):
+    a = q and b = k give P, a = k and b = q give P^T, with rows and keys broadcast to match."""
+    p = tl.exp2(tl.dot(a, tl.trans(b), input_precision=PRECISION) * qk_scale - lse2)
+    if MASKED:
+        p = tl.where(_keep(rows, keys, q_len, k_len, shift, window, CAUSAL, WINDOW), p, 0.0)
+    return p
 
 
 @triton.jit
-def _load_rows(X, rows, start, length, stride_t, head, dims, HEAD_DIM: tl.constexpr):
-    return tl.load(X + (start + rows.to(tl.int64))[:, None] * stride_t + head + dims[None, :],
-                   mask=(rows[:, None] < length) & (dims[None, :] < HEAD_DIM), other=0.0)
-
-
-@triton.jit
-def _row_stats(LSE, DELTA, h, total_q, q_start, rows, q_len):
-    """The saved logsumexp (as base 2) and delta of a block of query rows. A row that saw
-    no key has lse = -inf; +inf makes its recomputed probabilities 0."""
-    lse = tl.load(LSE + h * total_q + q_start + rows, mask=rows < q_len, other=float("inf"))
+def _row_stats(LSE, DELTA, m0, q_len, ROWS: tl.constexpr):
+    """The saved logsumexp (as base 2) and delta of query rows m0 .. m0+ROWS-1. A row that
+    saw no key has lse = -inf, and a row past the end is read as +inf: +inf makes its
+    recomputed probabilities 0."""
+    rows = m0 + tl.arange(0, ROWS)
+    lse = tl.load(LSE + rows, mask=rows < q_len, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-    return lse2, tl.load(DELTA + h * total_q + q_start + rows, mask=rows < q_len, other=0.0)
+    return lse2, tl.load(DELTA + rows, mask=rows < q_len, other=0.0)
 
 
-@triton.autotune(configs=_configs(False), key=["HEAD_DIM", "CAUSAL", "WINDOW", "max_rows"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _backward_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
-                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                   stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-                   n_kv_heads, group, total_q, scale, window, max_rows,
+def _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qh, stride_dot, stride_doh, h0, group, total_q,
+                 lo, hi, keys, q_len, k_len, shift, window, dims, qk_scale, HEAD_DIM: tl.constexpr,
+                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                 MASKED: tl.constexpr):
+    """dV += P^T dO and dK += dS^T Q over the query blocks that start in [lo, hi), for every
+    query head h0 .. h0+group-1 reading these keys. One flat loop over (head, block): the
+    loads pipeline across heads, and it takes fewer registers than a loop of loops."""
+    n = tl.cdiv(hi - lo, BLOCK_M)
+    for i in range(0, group * n):
+        h, m0 = h0 + i // n, lo + i % n * BLOCK_M
+        q = _load_rows(Q + h * stride_qh, m0, q_len, stride_qt, dims, BLOCK_M, HEAD_DIM, MASKED)
+        do = _load_rows(DO + h * stride_doh, m0, q_len, stride_dot, dims, BLOCK_M, HEAD_DIM, MASKED)
+        lse2, delta = _row_stats(LSE + h * total_q, DELTA + h * total_q, m0, q_len, BLOCK_M)
+        # transposed, (BLOCK_N, BLOCK_M): P^T and dS^T come out as the left operands of their products
+        pt = _probs(k, q, lse2[None, :], (m0 + tl.arange(0, BLOCK_M))[None, :], keys[:, None], q_len, k_len, shift,
+                    window, qk_scale, CAUSAL, WINDOW, PRECISION, MASKED)
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dst = pt * (dpt - delta[None, :])  # d loss / d score
+        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@_autotune("backward_dkdv")
+@triton.jit
+def _backward_dkdv(Q, stride_qt, stride_qh,  #
+                   K, stride_kt, stride_kh,  #
+                   V, stride_vt, stride_vh,  #
+                   DO, stride_dot, stride_doh,  #
+                   DK, stride_dkt, stride_dkh,  #
+                   DV, stride_dvt, stride_dvh,  #
+                   LSE, DELTA, CU_Q, CU_K,  #
+                   n_kv_heads, group, total_q, scale, window, max_rows,  #
                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    b, kv_head = tl.program_id(1) // n_kv_heads, tl.program_id(1) % n_kv_heads
-    q_start, q_len = _seq(CU_Q, b)
-    k_start, k_len = _seq(CU_K, b)
-    n0 = tl.program_id(0) * BLOCK_N
+    kv_head, q_start, q_len, k_start, k_len, n0 = _locate(CU_Q, CU_K, n_kv_heads, BLOCK_N)
     if n0 >= k_len:
         return
     shift = k_len - q_len
+    K += k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
+    V += k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
     keys = n0 + tl.arange(0, BLOCK_N)
-    rows0 = tl.arange(0, BLOCK_M)
     dims = tl.arange(0, D_PAD)
-    k = _load_rows(K, keys, k_start, k_len, stride_kt, kv_head * stride_kh, dims, HEAD_DIM)
-    v = _load_rows(V, keys, k_start, k_len, stride_vt, kv_head * stride_vh, dims, HEAD_DIM)
+    k = _load_rows(K, n0, k_len, stride_kt, dims, BLOCK_N, HEAD_DIM, True)  # past the end: zeros, never stored
+    v = _load_rows(V, n0, k_len, stride_vt, dims, BLOCK_N, HEAD_DIM, True)
     dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
-    # the queries that may see these keys: i + shift >= key (causal), i + shift - window <= key
-    lo, hi = 0, q_len
-    if CAUSAL:
-        lo = tl.maximum(0, n0 - shift) // BLOCK_M * BLOCK_M
-    if WINDOW:
-        hi = tl.minimum(q_len, n0 + BLOCK_N + window - shift)
+    # key j is seen by query i if j - shift <= i (causal) and i <= j - shift + window (window)
+    lo, full_lo, full_hi, hi = _blocks(n0, BLOCK_N, BLOCK_M, q_len, -shift, window - shift, CAUSAL, WINDOW)
     qk_scale = scale * LOG2E
-    for h in range(kv_head * group, kv_head * group + group):  # every query head reading these keys
-        for m0 in range(lo, hi, BLOCK_M):
-            rows = m0 + rows0
-            q = _load_rows(Q, rows, q_start, q_len, stride_qt, h * stride_qh, dims, HEAD_DIM)
-            do = _load_rows(DO, rows, q_start, q_len, stride_dot, h * stride_doh, dims, HEAD_DIM)
-            lse2, delta = _row_stats(LSE, DELTA, h, total_q, q_start, rows, q_len)
-            p = _probs(q, k, lse2, rows, keys, q_len, k_len, shift, window, qk_scale, CAUSAL, WINDOW, PRECISION)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])  # d loss / d score
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    mask = (keys[:, None] < k_len) & (dims[None, :] < HEAD_DIM)
-    tl.store(DK + (k_start + keys.to(tl.int64))[:, None] * stride_dkt + kv_head * stride_dkh + dims[None, :],
-             (dk * scale).to(DK.dtype.element_ty), mask=mask)
-    tl.store(DV + (k_start + keys.to(tl.int64))[:, None] * stride_dvt + kv_head * stride_dvh + dims[None, :],
-             dv.to(DV.dtype.element_ty), mask=mask)
+    Q += q_start.to(tl.int64) * stride_qt
+    DO += q_start.to(tl.int64) * stride_dot
+    LSE += q_start
+    DELTA += q_start
+    h0 = kv_head * group  # the query heads reading these keys: h0 .. h0 + group - 1
+    if CAUSAL:  # the blocks that straddle the diagonal
+        dk, dv = _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qh, stride_dot, stride_doh, h0, group,
+                              total_q, lo, full_lo, keys, q_len, k_len, shift, window, dims, qk_scale, HEAD_DIM, CAUSAL,
+                              WINDOW, PRECISION, BLOCK_M, True)
+    # the full blocks: past the diagonal, inside the window, before the end
+    dk, dv = _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qh, stride_dot, stride_doh, h0, group,
+                          total_q, full_lo, full_hi, keys, q_len, k_len, shift, window, dims, qk_scale, HEAD_DIM,
+                          CAUSAL, WINDOW, PRECISION, BLOCK_M, False)
+    # the blocks that straddle the window's edge or the last query
+    dk, dv = _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qh, stride_dot, stride_doh, h0, group,
+                          total_q, full_hi, hi, keys, q_len, k_len, shift, window, dims, qk_scale, HEAD_DIM, CAUSAL,
+                          WINDOW, PRECISION, BLOCK_M, True)
+    _store_rows(DK + k_start.to(tl.int64) * stride_dkt + kv_head * stride_dkh, dk * scale, n0, k_len, stride_dkt,
+                dims, HEAD_DIM)
+    _store_rows(DV + k_start.to(tl.int64) * stride_dvt + kv_head * stride_dvh, dv, n0, k_len, stride_dvt,
+                dims, HEAD_DIM)
 
 
-@triton.autotune(configs=_configs(False), key=["HEAD_DIM", "CAUSAL", "WINDOW", "max_rows"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _backward_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
-                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                 stride_dqt, stride_dqh,
-                 n_heads, group, total_q, scale, window, max_rows,
+def _dq_blocks(dq, q, do, lse2, delta, K, V, stride_kt, stride_vt, lo, hi, rows, q_len, k_len, shift, window, dims,
+               qk_scale, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+               PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """dQ += dS K over the key blocks that start in [lo, hi)."""
+    for n0 in range(lo, hi, BLOCK_N):
+        k = _load_rows(K, n0, k_len, stride_kt, dims, BLOCK_N, HEAD_DIM, MASKED)
+        v = _load_rows(V, n0, k_len, stride_vt, dims, BLOCK_N, HEAD_DIM, MASKED)
+        p = _probs(q, k, lse2[:, None], rows[:, None], (n0 + tl.arange(0, BLOCK_N))[None, :], q_len, k_len, shift,
+                   window, qk_scale, CAUSAL, WINDOW, PRECISION, MASKED)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq
+
+
+@_autotune("backward_dq")
+@triton.jit
+def _backward_dq(Q, stride_qt, stride_qh,  #
+                 K, stride_kt, stride_kh,  #
+                 V, stride_vt, stride_vh,  #
+                 DO, stride_dot, stride_doh,  #
+                 DQ, stride_dqt, stride_dqh,  #
+                 LSE, DELTA, CU_Q, CU_K,  #
+                 n_heads, group, total_q, scale, window, max_rows,  #
                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    b, h = tl.program_id(1) // n_heads, tl.program_id(1) % n_heads
-    kv_head = h // group
-    q_start, q_len = _seq(CU_Q, b)
-    k_start, k_len = _seq(CU_K, b)
-    m0 = tl.program_id(0) * BLOCK_M
+    h, q_start, q_len, k_start, k_len, m0 = _locate(CU_Q, CU_K, n_heads, BLOCK_M)
     if m0 >= q_len:
         return
     shift = k_len - q_len
+    Q += q_start.to(tl.int64) * stride_qt + h * stride_qh
+    DO += q_start.to(tl.int64) * stride_dot + h * stride_doh
+    K += k_start.to(tl.int64) * stride_kt + (h // group) * stride_kh
+    V += k_start.to(tl.int64) * stride_vt + (h // group) * stride_vh
     rows = m0 + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, D_PAD)
-    q = _load_rows(Q, rows, q_start, q_len, stride_qt, h * stride_qh, dims, HEAD_DIM)
-    do = _load_rows(DO, rows, q_start, q_len, stride_dot, h * stride_doh, dims, HEAD_DIM)
-    lse2, delta = _row_stats(LSE, DELTA, h, total_q, q_start, rows, q_len)
+    q = _load_rows(Q, m0, q_len, stride_qt, dims, BLOCK_M, HEAD_DIM, True)
+    do = _load_rows(DO, m0, q_len, stride_dot, dims, BLOCK_M, HEAD_DIM, True)
+    lse2, delta = _row_stats(LSE + h * total_q + q_start, DELTA + h * total_q + q_start, m0, q_len, BLOCK_M)
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    lo, hi = 0, k_len  # the same key range as the forward pass
-    if CAUSAL:
-        hi = tl.minimum(k_len, m0 + BLOCK_M + shift)
-    if WINDOW:
-        lo = tl.maximum(0, m0 + shift - window) // BLOCK_N * BLOCK_N
     qk_scale = scale * LOG2E
-    for n0 in range(lo, hi, BLOCK_N):
-        keys = n0 + cols
-        k = _load_rows(K, keys, k_start, k_len, stride_kt, kv_head * stride_kh, dims, HEAD_DIM)
-        v = _load_rows(V, keys, k_start, k_len, stride_vt, kv_head * stride_vh, dims, HEAD_DIM)
-        p = _probs(q, k, lse2, rows, keys, q_len, k_len, shift, window, qk_scale, CAUSAL, WINDOW, PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    tl.store(DQ + (q_start + rows.to(tl.int64))[:, None] * stride_dqt + h * stride_dqh + dims[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=(rows[:, None] < q_len) & (dims[None, :] < HEAD_DIM))
+    # the key blocks of the forward pass: the window's edge, the full ones, the diagonal and the end
+    lo, full_lo, full_hi, hi = _blocks(m0, BLOCK_M, BLOCK_N, k_len, shift - window, shift, WINDOW, CAUSAL)
+    if WINDOW:
+        dq = _dq_blocks(dq, q, do, lse2, delta, K, V, stride_kt, stride_vt, lo, full_lo, rows, q_len, k_len, shift,
+                        window, dims, qk_scale, HEAD_DIM, CAUSAL, WINDOW, PRECISION, BLOCK_N, True)
+    dq = _dq_blocks(dq, q, do, lse2, delta, K, V, stride_kt, stride_vt, full_lo, full_hi, rows, q_len, k_len, shift,
+                    window, dims, qk_scale, HEAD_DIM, CAUSAL, WINDOW, PRECISION, BLOCK_N, False)
+    dq = _dq_blocks(dq, q, do, lse2, delta, K, V, stride_kt, stride_vt, full_hi, hi, rows, q_len, k_len, shift,
+                    window, dims, qk_scale, HEAD_DIM, CAUSAL, WINDOW, PRECISION, BLOCK_N, True)
+    _store_rows(DQ + q_start.to(tl.int64) * stride_dqt + h * stride_dqh, dq * scale, m0, q_len, stride_dqt, dims,
+                HEAD_DIM)
 
 # -----------------------------------------------------------------------------
 # Launchers and autograd
@@ -271,9 +417,13 @@ class _FlashAttention(torch.autograd.Function):
         lse = torch.empty(H, total_q, device=q.device, dtype=torch.float32)
         n_seqs = cu_q.numel() - 1
         grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_seqs * H)  # noqa: E731
-        _forward[grid](q, k, v, o, lse, cu_q, cu_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                       v.stride(0), v.stride(1), o.stride(0), o.stride(1), H, H // k.shape[1], total_q, scale,
-                       window or 0, _rows_key(max_q), **_meta(q, k, causal, window))
+        _forward[grid](q, q.stride(0), q.stride(1),  #
+                       k, k.stride(0), k.stride(1),  #
+                       v, v.stride(0), v.stride(1),  #
+                       o, o.stride(0), o.stride(1),  #
+                       lse, cu_q, cu_k,  #
+                       H, H // k.shape[1], total_q, scale, window or 0, _rows_key(max_q),  #
+                       **_meta(q, k, causal, window))
         ctx.save_for_backward(q, k, v, o, lse, cu_q, cu_k)
         ctx.args = (max_q, max_k, causal, scale, window)
         ctx.mark_non_differentiable(lse)
@@ -290,14 +440,24 @@ class _FlashAttention(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         meta = _meta(q, k, causal, window)
         grid = lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), n_seqs * Hkv)  # noqa: E731
-        _backward_dkdv[grid](q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, q.stride(0), q.stride(1),
-                             k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-                             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), Hkv, H // Hkv, total_q,
-                             scale, window or 0, _rows_key(max_q), **meta)
+        _backward_dkdv[grid](q, q.stride(0), q.stride(1),  #
+                             k, k.stride(0), k.stride(1),  #
+                             v, v.stride(0), v.stride(1),  #
+                             do, do.stride(0), do.stride(1),  #
+                             dk, dk.stride(0), dk.stride(1),  #
+                             dv, dv.stride(0), dv.stride(1),  #
+                             lse, delta, cu_q, cu_k,  #
+                             Hkv, H // Hkv, total_q, scale, window or 0, _rows_key(max_q),  #
+                             **meta)
         grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_seqs * H)  # noqa: E731
-        _backward_dq[grid](q, k, v, do, lse, delta, dq, cu_q, cu_k, q.stride(0), q.stride(1), k.stride(0),
-                           k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1), dq.stride(0),
-                           dq.stride(1), H, H // Hkv, total_q, scale, window or 0, _rows_key(max_q), **meta)
+        _backward_dq[grid](q, q.stride(0), q.stride(1),  #
+                           k, k.stride(0), k.stride(1),  #
+                           v, v.stride(0), v.stride(1),  #
+                           do, do.stride(0), do.stride(1),  #
+                           dq, dq.stride(0), dq.stride(1),  #
+                           lse, delta, cu_q, cu_k,  #
+                           H, H // Hkv, total_q, scale, window or 0, _rows_key(max_q),  #
+                           **meta)
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
@@ -349,3 +509,59 @@ def flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, causal=True, softmax_scal
     o, lse = _FlashAttention.apply(q, k, v, cu, cu, max_seqlen, max_seqlen, causal,
                                    q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale, window)
     return (o, lse) if return_lse else o
+
+# -----------------------------------------------------------------------------
+# Ahead-of-time builds: what each kernel costs on a GPU, read off its binary without one
+
+KERNELS = {"forward": _forward, "backward_dkdv": _backward_dkdv, "backward_dq": _backward_dq}
+SHARED_MEMORY = {90: 232448, 80: 166912}  # bytes a block may use: H100, A100
+
+
+def build(kernel, head_dim, causal, candidate, arch):
+    """Compile one kernel (a name in KERNELS) with one candidate, in bf16, for an NVIDIA GPU
+    of compute capability `arch` (90: H100, 80: A100), with triton's own ptxas: no GPU
+    needed. Returns the registers per thread, the bytes spilled to local memory (ptxas's
+    stack), the shared memory, and whether it uses wgmma (Hopper's warpgroup matrix
+    multiply, HGMMA) and cp.async (asynchronous copies to shared memory, LDGSTS, which
+    pipelining needs), read off the PTX: ptxas makes each the one machine instruction."""
+    if INTERPRET:
+        raise RuntimeError("flash.build compiles for a GPU: run it without TRITON_INTERPRET=1")
+    fn = KERNELS[kernel].fn
+    block_m, block_n, warps, stages = candidate
+    meta = dict(HEAD_DIM=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)), CAUSAL=causal, WINDOW=False,
+                PRECISION=None, BLOCK_M=block_m, BLOCK_N=block_n)
+    # the signature the JIT specializes a launch to: upper-case names are pointers (16-byte
+    # aligned, as torch allocates), and strides are multiples of 16 (as with head dims of
+    # 64 and 128). Without those facts, loads are neither vectorized nor pipelined.
+    pointers = {"LSE": "*fp32", "DELTA": "*fp32", "CU_Q": "*i32", "CU_K": "*i32"}
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in meta:
+            signature[name], constexprs[(i,)] = "constexpr", meta[name]
+        elif name.isupper() or name.startswith("stride"):
+            signature[name] = pointers.get(name, "*bf16") if name.isupper() else "i32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "fp32" if name == "scale" else "i32"
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=warps, num_stages=stages))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", cubin.name], check=True,
+                               capture_output=True, text=True).stdout
+    ptx = compiled.asm["ptx"]
+    return dict(registers=int(re.search(r"REG:(\d+)", usage)[1]), spill=int(re.search(r"STACK:(\d+)", usage)[1]),
+                shared=compiled.metadata.shared, wgmma="wgmma.mma_async" in ptx,
+                cp_async=re.search(r"cp\.async\.c[ag]\.", ptx) is not None)
+
+
+def report(archs=(90, 80), processes=None):
+    """build() every kept candidate of every kernel and head dim, causal and not, for each
+    arch, in parallel processes. Returns one dict per build, naming what it built."""
+    jobs = [(kernel, d, causal, c, arch) for kernel in KERNELS for d, cs in CANDIDATES[kernel].items() for c in cs
+            for causal in (True, False) for arch in archs]
+    with concurrent.futures.ProcessPoolExecutor(processes) as pool:
+        results = pool.map(build, *zip(*jobs))
+        return [dict(kernel=kernel, head_dim=d, causal=causal, candidate=c, arch=arch, **result)
+                for (kernel, d, causal, c, arch), result in zip(jobs, results)]

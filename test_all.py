@@ -1361,6 +1361,61 @@ def test_flash_varlen_documents(dtype):
         assert (lse[:, a:b].double() - lse_ref[0]).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("Y,X", [(32, 16), (16, 32)])
+@pytest.mark.parametrize("LOWER,UPPER", [(False, False), (True, False), (False, True), (True, True)])
+def test_flash_loop_ranges(Y, X, LOWER, UPPER):
+    # flash._blocks against brute force. A program holds rows y0 .. y0+Y-1 and loops over
+    # blocks of X rows x; y attends x if x < x_len, y + a <= x (LOWER) and x <= y + b (UPPER).
+    # The loops must visit every block where some pair attends, and run unmasked exactly
+    # the blocks where every pair attends
+    import flash
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def ranges(P, OUT, blocks: tl.constexpr, Y: tl.constexpr, X: tl.constexpr, LOWER: tl.constexpr,
+               UPPER: tl.constexpr, N: tl.constexpr):  # N cases at once: _blocks works elementwise
+        i = 4 * tl.arange(0, N)
+        lo, full_lo, full_hi, hi = blocks(tl.load(P + i), Y, X, tl.load(P + i + 1), tl.load(P + i + 2),
+                                          tl.load(P + i + 3), LOWER, UPPER)
+        tl.store(OUT + i, lo)
+        tl.store(OUT + i + 1, full_lo)
+        tl.store(OUT + i + 2, full_hi)
+        tl.store(OUT + i + 3, hi)
+
+    rng = random.Random(Y + 2 * LOWER + UPPER)
+    params = torch.tensor([(rng.randrange(0, 100, Y), rng.randrange(0, 100), rng.randrange(-70, 70),
+                            rng.randrange(-70, 70)) for _ in range(512)], dtype=torch.int32)  # y0, x_len, a, b
+    out = torch.full_like(params, -1)
+    ranges[(1,)](params, out, flash._blocks, Y, X, LOWER, UPPER, len(params))
+    for (y0, x_len, a, b), (lo, full_lo, full_hi, hi) in zip(params.tolist(), out.tolist()):
+        y, x = torch.arange(y0, y0 + Y)[:, None], torch.arange(0, -(-x_len // X) * X)[None, :]
+        attends = (x < x_len) & ((y + a <= x) | (not LOWER)) & ((x <= y + b) | (not UPPER))  # (Y, blocks * X)
+        pairs = attends.view(Y, -1, X).transpose(0, 1).flatten(1)  # (blocks, Y * X)
+        starts = torch.arange(len(pairs)) * X
+        some, every = starts[pairs.any(1)].tolist(), starts[pairs.all(1)].tolist()
+        unmasked = list(range(full_lo, full_hi, X))
+        visited = [*range(lo, full_lo, X), *unmasked, *range(full_hi, hi, X)]  # as the kernels loop
+        case = (y0, x_len, a, b, lo, full_lo, full_hi, hi)
+        assert len(set(visited)) == len(visited) and set(some) <= set(visited) <= set(range(0, x_len, X)), case
+        assert unmasked == every, case
+
+
+@pytest.mark.parametrize("forward,dkdv", [((16, 32), (32, 16)), ((16, 16), (16, 16))])
+def test_flash_block_shapes(forward, dkdv, monkeypatch):
+    # the loop bounds (_blocks) for tiles shaped unlike the interpreter's default (32 x 16
+    # queries x keys; dK/dV 16 x 32): which blocks straddle the diagonal, the window's edge
+    # or the end, and which are full, so unmasked
+    import flash
+    import triton
+    for kernel, (m, n) in [(flash._forward, forward), (flash._backward_dkdv, dkdv), (flash._backward_dq, forward)]:
+        monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=1, num_stages=1)])
+    for B, Tq, Tk, H, Hkv, D, causal, window in [(1, 50, 50, 2, 1, 32, True, None), (1, 21, 70, 2, 2, 16, True, None),
+                                                  (1, 70, 37, 2, 2, 16, True, None), (1, 64, 64, 2, 2, 16, True, 17),
+                                                  (1, 47, 61, 2, 1, 16, False, 9), (2, 33, 33, 2, 2, 16, False, None)]:
+        check_flash(B, Tq, Tk, H, Hkv, D, causal, window)
+
+
 def test_flash_in_the_model():
     # model.py with attn="flash" gives what attn="sdpa" gives: plain, packed documents, KV cache
     m = tiny("llama")
@@ -1397,6 +1452,50 @@ def test_flash_bad_input():
 def test_flash_cuda_large(dtype, causal):
     for B, T, H, Hkv, D, window in [(2, 1024, 8, 2, 64, None), (1, 2048, 4, 4, 128, None), (1, 1000, 6, 3, 96, 256)]:
         check_flash(B, T, T, H, Hkv, D, causal, window, dtype, device="cuda")
+
+
+def test_flash_autotune_sees_only_kept_candidates():
+    # the autotuner holds every kernel's candidates for all head dims; _prune hands it those
+    # kept for the launch's head dim, and only small tiles for short sequences (decoding)
+    import flash
+    import triton
+    for kernel, lists in flash.CANDIDATES.items():
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                   for m, n, w, s in {c for cs in lists.values() for c in cs}]
+        for d in (16, 64, 80, 128, 256):
+            kept = flash._prune(kernel, configs, {"max_rows": 4096}, HEAD_DIM=d)
+            assert sorted((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept) == \
+                sorted(flash.candidates(kernel, d)), (kernel, d)
+            one_row = flash._prune(kernel, configs, {"max_rows": 1}, HEAD_DIM=d)
+            assert {c.kwargs["BLOCK_M"] for c in one_row} == {min(c[0] for c in flash.candidates(kernel, d))}
+
+
+def test_flash_kernels_compile_for_h100_and_a100_without_spilling():
+    # triton compiles ahead of time for a GPU named by its compute capability, on CPU:
+    # flash.report builds every kept autotune candidate of every kernel and head dim (64,
+    # 128, 256), causal and not, bf16, for sm_90 and sm_80. A spill would put registers in
+    # local memory, which is slow; no kept candidate may spill
+    import flash
+    import triton
+    try:
+        triton.knobs.nvidia.ptxas.path, triton.knobs.nvidia.cuobjdump.path
+    except RuntimeError as e:
+        pytest.skip(f"needs the ptxas and cuobjdump that triton's wheel ships: {e}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter compiles nothing
+    run = subprocess.run([sys.executable, "-c", "import json, flash; print(json.dumps(flash.report()))"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stderr[-5000:]
+    rows = json.loads(run.stdout.splitlines()[-1])
+    assert len(rows) == 2 * 2 * sum(len(cs) for lists in flash.CANDIDATES.values() for cs in lists.values())
+    assert [r for r in rows if r["spill"]] == []
+    assert all(r["cp_async"] for r in rows)  # pipelined: the JIT's divisibility facts were given
+    assert all(r["wgmma"] for r in rows if r["arch"] == 90 and r["head_dim"] <= 128)  # 256's tiles are too small
+    shared = collections.defaultdict(list)  # per kernel, head dim, causal and arch
+    for r in rows:
+        shared[r["kernel"], r["head_dim"], r["causal"], r["arch"]].append(r["shared"])
+    # every kept candidate fits in an H100's shared memory, and each case has one that fits an A100's
+    assert all(max(s) <= flash.SHARED_MEMORY[90] for (*_, arch), s in shared.items() if arch == 90)
+    assert all(min(s) <= flash.SHARED_MEMORY[arch] for (*_, arch), s in shared.items())
 
 # -----------------------------------------------------------------------------
 # train.py
