@@ -27,6 +27,7 @@ import json
 import multiprocessing
 import os
 import re
+import signal
 import tempfile
 import time
 
@@ -138,21 +139,52 @@ def batched(texts):
         yield batch
 
 
+def _worker(conn, fn):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it then stops us
+    while (job := conn.recv()) is not None:
+        try:
+            conn.send((True, fn(*job)))
+        except Exception as e:
+            conn.send((False, e))
+
+
 def pool_map(fn, jobs, workers):
-    """Yields fn(*job) for each job, in order, computed by `workers` processes with at
-    most two jobs per worker in flight, so a long stream of jobs never piles up in
-    memory (Pool.imap reads its input ahead without limit). workers=1: no processes."""
+    """Yields fn(*job) for each job, in order, computed by `workers` processes that take
+    the jobs in turn, one at a time each: a long stream of jobs never piles up in memory.
+    workers=1: no processes. Not multiprocessing.Pool: on Ctrl-C its shutdown can hang
+    for good, waiting on a thread stuck writing a large job into a pipe that no worker
+    reads any more. Here the parent sends each job itself, to a worker that waits for
+    it; the workers ignore SIGINT; and on any exception, Ctrl-C included, the parent
+    kills them and the exception goes on to the caller at once."""
     if workers == 1:
         yield from (fn(*job) for job in jobs)
         return
-    with multiprocessing.Pool(workers) as pool:
-        pending = collections.deque()
-        for job in jobs:
-            pending.append(pool.apply_async(fn, job))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+    procs, turns, jobs = [], collections.deque(), iter(jobs)  # turns: the workers' pipes, in job order
+    try:
+        for _ in range(workers):
+            mine, theirs = multiprocessing.Pipe()
+            procs.append(multiprocessing.Process(target=_worker, args=(theirs, fn), daemon=True))
+            procs[-1].start()
+            theirs.close()
+            if (job := next(jobs, None)) is not None:
+                mine.send(job)
+                turns.append(mine)
+        while turns:
+            conn = turns.popleft()
+            try:
+                ok, result = conn.recv()
+            except EOFError:
+                raise RuntimeError("a worker process died (out of memory?); see its error above") from None
+            if (job := next(jobs, None)) is not None:  # its next job first, so that it works while we yield
+                conn.send(job)
+                turns.append(conn)
+            if not ok:
+                raise result
+            yield result
+    finally:
+        for p in procs:
+            p.kill()
+            p.join()
 
 
 def count_words(texts, specials, pattern, workers):

@@ -527,6 +527,38 @@ def test_bpe_encode_iterable_memory_is_bounded(trained):
     assert n > 1_000_000 and peak < 2_000_000, (n, peak)
 
 
+POOL_MAP_SCRIPT = """
+import multiprocessing, sys, bpe
+jobs = (([("w%d " % i) * 2_000_000], [], bpe.GPT2_PATTERN) for i in range(100))  # 6+ MB each: a pipe holds 64 KB
+results = bpe.pool_map(bpe._count_words, jobs, 2)
+try:
+    for n, _ in enumerate(results):
+        print("result", n, flush=True)
+except KeyboardInterrupt:
+    results.close()
+    print("KeyboardInterrupt; workers left:", len(multiprocessing.active_children()), flush=True)
+    sys.exit(130)
+"""
+
+
+@pytest.mark.parametrize("to_group", [True, False])
+def test_bpe_pool_map_stops_at_ctrl_c(to_group):
+    # Issue 12.5: Ctrl-C hung forever. The workers died, and the pool's shutdown waited
+    # on its thread that was writing a large job into a pipe that nobody read. A
+    # terminal's Ctrl-C sends SIGINT to the whole process group; `kill -INT` to one.
+    run = subprocess.Popen([sys.executable, "-c", POOL_MAP_SCRIPT], cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        assert run.stdout.readline().startswith("result 0")  # the workers are busy with more jobs
+        (os.killpg if to_group else os.kill)(run.pid, signal.SIGINT)
+        out, _ = run.communicate(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 130 and "KeyboardInterrupt; workers left: 0" in out, out
+    assert "Traceback" not in out, out  # the workers ignore SIGINT: the parent stops them
+
+
 def test_bpe_bad_input(tmp_path, trained):
     with pytest.raises(ValueError, match="at least 256 byte tokens"):
         bpe.train(["some text"], 256)
