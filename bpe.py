@@ -28,7 +28,6 @@ import multiprocessing
 import os
 import re
 import signal
-import tempfile
 import time
 
 import regex  # the stdlib `re` has no \p{L} (any letter) classes
@@ -490,23 +489,11 @@ class Tokenizer:
     @classmethod
     def load(cls, path):
         """Loads `path` (tiktoken's ranks format) and `path`.json, as save() wrote them."""
-        path = str(path)
-        try:
-            with open(path, encoding="ascii") as f:
-                ranks_text = f.read()
-            with open(path + ".json", encoding="utf-8") as f:
-                side_text = f.read()
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"{e.filename}: no such tokenizer file; train one with "
-                                    "`python bpe.py --input FILE --out PATH` or run prepare.py") from None
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: corrupt tokenizer file (not text: {e.reason}); "
-                             "train it again with bpe.py or prepare.py") from None
-        return cls.loads(ranks_text, side_text, path)
+        return cls.loads(_read_text(path), _read_text(f"{path}.json"), str(path))
 
     @classmethod
     def loads(cls, ranks_text, side_text, where="tokenizer"):
-        """The tokenizer from the texts of its two files; `where` names them in errors."""
+        """The tokenizer from the texts of its two files; errors name them as `where` and `where`.json."""
         ranks, at = {}, where
         try:
             for n, line in enumerate(ranks_text.splitlines(), 1):
@@ -518,29 +505,25 @@ class Tokenizer:
                 raise ValueError(f"the ids are not 0..{len(ranks) - 1}: the file is cut short or damaged")
             at = where + ".json"
             side = json.loads(side_text)
-            at = where
-            if len(side["merges"]) != len(ranks) - 256:
-                raise ValueError(f"{len(ranks)} tokens, but {len(side['merges'])} merges in {where}.json: "
-                                 "one of the two files is cut short")
-            at = where + ".json"
+            pattern, specials, merges = side["pattern"], side["special_tokens"], side["merges"]
+            if merges and len(merges) != len(ranks) - 256:
+                at = f"{where} and {where}.json"
+                raise ValueError(f"{len(ranks)} tokens but {len(merges)} merges: one of the two files is cut short")
             vocab = {i: t for t, i in ranks.items()}
-            merges = [(vocab[a], vocab[b]) for a, b in side["merges"]]
-            at = f"{where} + {where}.json"
-            return cls(ranks, merges, side["special_tokens"], side["pattern"])
-        except (ValueError, KeyError, TypeError, IndexError, RecursionError) as e:
+            return cls(ranks, [(vocab[a], vocab[b]) for a, b in merges], specials, pattern)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as e:
             raise ValueError(f"{at}: corrupt tokenizer file ({type(e).__name__}: {e}); "
                              "train it again with bpe.py or prepare.py") from None
 
     @classmethod
-    def from_gpt2_files(cls, vocab_bpe, encoder_json):
+    def from_gpt2_files(cls, vocab_bpe, encoder_json, texts=None):
         """Loads GPT-2's original vocab.bpe (the merges) + encoder.json (token -> id); Hugging
-        Face's merges.txt + vocab.json are the same files."""
+        Face's merges.txt + vocab.json are the same files. `texts`, if given, are their contents."""
         try:
-            with open(vocab_bpe, encoding="utf-8") as f:
-                merges = [tuple(line.split(" ")) for line in f.read().split("\n")[1:] if line]  # [0]: "#version"
-            with open(encoder_json, encoding="utf-8") as f:
-                return cls._from_printable(json.load(f), merges, GPT2_PATTERN)
-        except (ValueError, KeyError, TypeError) as e:
+            merges_text, vocab_text = texts or (_read_text(vocab_bpe), _read_text(encoder_json))
+            merges = [tuple(line.split(" ")) for line in merges_text.split("\n")[1:] if line]  # [0]: "#version"
+            return cls._from_printable(json.loads(vocab_text), merges, GPT2_PATTERN)
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise ValueError(f"{vocab_bpe} + {encoder_json}: not GPT-2 tokenizer files ({type(e).__name__}: {e})") from None
 
     @classmethod
@@ -549,10 +532,7 @@ class Tokenizer:
         splitting off single digits, as SmolLM2's); `text`, if given, is the file's content.
         Encoding then follows tiktoken's rule (lowest rank first), as for every Tokenizer."""
         try:
-            if text is None:
-                with open(path, encoding="utf-8") as f:
-                    text = f.read()
-            hf = json.loads(text)
+            hf = json.loads(_read_text(path) if text is None else text)
             model, pre = hf["model"], hf.get("pre_tokenizer") or {}
             steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
             split = tuple((s.get("type"), s.get("individual_digits"), s.get("add_prefix_space"), s.get("use_regex", True))
@@ -613,11 +593,25 @@ class StreamDecoder:
         return self.utf8.decode(b"", final=True)
 
 
-def load_tokenizer(name, directory=None, files=None):
+def _read_text(path):
+    """A tokenizer file's text; a missing or undecodable file is an error naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such tokenizer file; train one with "
+                                "`python bpe.py --input FILE --out PATH`, or run prepare.py again") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: corrupt tokenizer file (not UTF-8 text: {e.reason} at byte {e.start}); "
+                         "train it again with bpe.py or prepare.py") from None
+
+
+def load_tokenizer(name, directory=None, files=None, where=None):
     """A tiktoken.Encoding (the fast path) for a tokenizer as meta.json and checkpoints name
     it: "gpt2" (tiktoken's own), the file name of a trained BPE ("x.bpe", with "x.bpe.json"),
     of a Hugging Face tokenizer.json, or "vocab.json" (with merges.txt beside it). The files
-    are read from `directory`, or taken from `files`, {file name: text} (a checkpoint's)."""
+    are read from `directory`, or taken from `files`, {file name: text}, as a checkpoint
+    holds them; `where` then names their source in errors."""
     if name == "gpt2":
         import tiktoken
         try:
@@ -627,29 +621,26 @@ def load_tokenizer(name, directory=None, files=None):
                              f"({type(e).__name__}; offline?). Put them in TIKTOKEN_CACHE_DIR, or use a "
                              "dataset with its own BPE: `python prepare.py` needs no network") from None
 
+    def at(file):  # how errors name a file
+        return os.path.join(directory, file) if files is None else f"{where or 'the tokenizer'}: {file}"
+
     def text(file):
-        if files is not None:
-            if file not in files:
-                raise ValueError(f"tokenizer {name!r}: its file {file} is missing")
-            return files[file]
-        with open(os.path.join(directory, file), encoding="utf-8") as f:
-            return f.read()
-    where = os.path.join(directory, name) if files is None else name
+        if files is None:
+            return _read_text(at(file))
+        if file not in files:
+            raise ValueError(f"{where or 'the tokenizer'}: its file {file} is missing")
+        return files[file]
     try:
         if name.endswith(".bpe"):
-            tok = Tokenizer.loads(text(name), text(name + ".json"), where)
+            tok = Tokenizer.loads(text(name), text(name + ".json"), at(name))
         elif name == "vocab.json":
-            with tempfile.TemporaryDirectory() as tmp:  # GPT-2's two files, read as files
-                for file in ("vocab.json", "merges.txt"):
-                    with open(os.path.join(tmp, file), "w", encoding="utf-8") as f:
-                        f.write(text(file))
-                tok = Tokenizer.from_gpt2_files(os.path.join(tmp, "merges.txt"), os.path.join(tmp, "vocab.json"))
+            tok = Tokenizer.from_gpt2_files(at("merges.txt"), at(name), texts=(text("merges.txt"), text(name)))
         elif name.endswith(".json"):
-            tok = Tokenizer.from_hf_json(where, text(name))
+            tok = Tokenizer.from_hf_json(at(name), text(name))
         else:
             raise ValueError(f"unknown tokenizer {name!r}: expected gpt2, a .bpe file, or a tokenizer.json")
     except FileNotFoundError as e:
-        raise ValueError(f"{e.filename}: no such tokenizer file; run prepare.py again") from None
+        raise ValueError(str(e)) from None
     return tok.to_tiktoken()
 
 
@@ -684,6 +675,9 @@ if __name__ == "__main__":
     for p in args.input:
         if not os.path.isfile(p):
             ap.error(f"--input {p}: no such file")
+    folder = os.path.dirname(args.out) or "."
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):  # checked now, not after training
+        ap.error(f"--out {args.out}: the folder {folder} does not exist or is not writable; create it first")
     t0 = time.time()
     try:
         tok = train([pathlib.Path(p) for p in args.input], args.vocab_size, args.special_tokens, workers=args.workers)

@@ -559,7 +559,7 @@ def test_bpe_pool_map_stops_at_ctrl_c(to_group):
     assert "Traceback" not in out, out  # the workers ignore SIGINT: the parent stops them
 
 
-def test_bpe_bad_input(tmp_path, trained):
+def test_bpe_bad_input(tmp_path):
     with pytest.raises(ValueError, match="at least 256 byte tokens"):
         bpe.train(["some text"], 256)
     for empty in ([], [""], ["<|endoftext|>"]):
@@ -575,28 +575,51 @@ def test_bpe_bad_input(tmp_path, trained):
     latin1.write_bytes("café au lait".encode("latin-1"))
     with pytest.raises(ValueError, match="latin1.txt: not valid UTF-8 near byte 3"):
         bpe.train([latin1], 300, workers=1)
-    # corrupt tokenizer files: each error names the file
+
+
+def test_bpe_corrupt_tokenizer_files_are_named(tmp_path, trained, gpt2):
+    # Each error names the file at fault, the .json sidecar included, through
+    # Tokenizer.load, Tokenizer.loads and load_tokenizer (from a directory or a checkpoint's files)
     trained.save(tmp_path / "tok.bpe")
-    good = (tmp_path / "tok.bpe").read_text()
+    good, side = (tmp_path / "tok.bpe").read_text(), (tmp_path / "tok.bpe.json").read_text()
     cut_at_line = good[:good.index("\n", len(good) // 2) + 1]
-    for bad, where in [(good.replace("\n", "\n!!!! 7\n", 1), "tok.bpe, line 2"), (good[:len(good) // 2], "tok.bpe"),
-                       (cut_at_line, "tok.bpe:"), ("", "tok.bpe:")]:
-        (tmp_path / "tok.bpe").write_text(bad)
-        with pytest.raises(ValueError, match=regex.escape(where) + ".*corrupt"):
-            bpe.Tokenizer.load(tmp_path / "tok.bpe")
-    (tmp_path / "tok.bpe").write_text(good)
-    side = (tmp_path / "tok.bpe.json").read_text()
-    for bad in ["{not json", "[" * 100000, side.replace('"pattern": "', '"pattern": "(', 1),
+    bad_json = ["{not json", "[" * 100000, "[]", side.replace('"pattern": "', '"pattern": "(', 1),
+                side.replace('"merges"', '"merge"'), side.replace('"special_tokens"', '"specials"'),
                 side.replace(f'"<|endoftext|>": {trained.eot_id}', f'"<|endoftext|>": {trained.eot_id}.0'),
-                regex.sub(r'"pattern": ".*?", "special', '"pattern": "", "special', side)]:
-        assert bad != side
-        (tmp_path / "tok.bpe.json").write_text(bad)
-        with pytest.raises(ValueError, match=r"tok\.bpe(\.json)?: corrupt"):
-            bpe.Tokenizer.load(tmp_path / "tok.bpe")
-    with pytest.raises(FileNotFoundError, match="nope.bpe"):
-        bpe.Tokenizer.load(tmp_path / "nope.bpe")
+                regex.sub(r'"pattern": ".*?", "special', '"pattern": "", "special', side),
+                regex.sub(r"\[\d+, \d+\]", "[1, 99999]", side, count=1)]
+    cases = [(good.replace("\n", "\n!!!! 7\n", 1), side, r"tok\.bpe, line 2: corrupt"),
+             (good[:len(good) // 2], side, r"tok\.bpe(, line \d+)?: corrupt"),
+             ("", side, r"tok\.bpe: corrupt"),
+             (cut_at_line, side, r"tok\.bpe and \S+/tok\.bpe\.json: corrupt .*cut short")]
+    cases += [(good, bad, r"tok\.bpe\.json: corrupt") for bad in bad_json]
+    for ranks_text, side_text, where in cases:
+        assert (ranks_text, side_text) != (good, side)
+        (tmp_path / "tok.bpe").write_text(ranks_text)
+        (tmp_path / "tok.bpe.json").write_text(side_text)
+        for load in (lambda: bpe.Tokenizer.load(tmp_path / "tok.bpe"), lambda: bpe.load_tokenizer("tok.bpe", tmp_path),
+                     lambda: bpe.Tokenizer.loads(ranks_text, side_text, str(tmp_path / "tok.bpe"))):
+            with pytest.raises(ValueError, match=str(tmp_path) + "/" + where):
+                load()
+        with pytest.raises(ValueError, match="ckpt.pt: tok.bpe"):
+            bpe.load_tokenizer("tok.bpe", files={"tok.bpe": ranks_text, "tok.bpe.json": side_text}, where="ckpt.pt")
+    (tmp_path / "tok.bpe").write_text(good)
+    (tmp_path / "tok.bpe.json").write_bytes(b'{"pattern": "\xff"}')  # not UTF-8
+    for load in (lambda: bpe.Tokenizer.load(tmp_path / "tok.bpe"), lambda: bpe.load_tokenizer("tok.bpe", tmp_path)):
+        with pytest.raises(ValueError, match=r"tok\.bpe\.json: corrupt tokenizer file \(not UTF-8"):
+            load()
+    (tmp_path / "tok.bpe.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"tok\.bpe\.json: no such tokenizer file"):
+        bpe.Tokenizer.load(tmp_path / "tok.bpe")
+    with pytest.raises(ValueError, match=r"tok\.bpe\.json: no such tokenizer file"):
+        bpe.load_tokenizer("tok.bpe", tmp_path)
+    # GPT-2's two files: the error names them, not a temp copy
+    shutil.copy(gpt2[1], tmp_path / "vocab.json")
+    (tmp_path / "merges.txt").write_text("#version: 0.2\nĠ\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=regex.escape(f"{tmp_path}/merges.txt + {tmp_path}/vocab.json: not GPT-2")):
+        bpe.load_tokenizer("vocab.json", tmp_path)
     with pytest.raises(ValueError, match="not GPT-2 tokenizer files"):
-        bpe.Tokenizer.from_gpt2_files(tmp_path / "tok.bpe", tmp_path / "tok.bpe.json")
+        bpe.Tokenizer.from_gpt2_files(tmp_path / "tok.bpe", tmp_path / "vocab.json")
 
 
 def test_bpe_cli(tmp_path):
@@ -609,10 +632,12 @@ def test_bpe_cli(tmp_path):
     assert run.returncode == 0, run.stderr
     assert bpe.Tokenizer.load(out).merges == bpe.train([a, b], 400, workers=1).merges
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe bad")
-    for args, msg in [(["--input", str(tmp_path / "missing.txt")], "missing.txt: no such file"),
-                      (["--input", str(tmp_path / "bad.txt")], "bad.txt: not valid UTF-8")]:
-        run = subprocess.run([sys.executable, "bpe.py", *args, "--vocab_size=300", f"--out={out}"],
-                             cwd=ROOT, capture_output=True, text=True)
+    # an --out folder that does not exist fails before training: bad.txt is never read
+    for name, dest, msg in [("missing.txt", out, "missing.txt: no such file"),
+                            ("bad.txt", out, "bad.txt: not valid UTF-8"),
+                            ("bad.txt", tmp_path / "no" / "x.bpe", f"the folder {tmp_path / 'no'} does not exist")]:
+        run = subprocess.run([sys.executable, "bpe.py", "--input", str(tmp_path / name), "--vocab_size=300",
+                              f"--out={dest}"], cwd=ROOT, capture_output=True, text=True)
         assert run.returncode != 0 and msg in run.stderr and "Traceback" not in run.stderr, run.stderr
 
 def test_bpe_from_hf_tokenizer_json(tmp_path):
