@@ -516,21 +516,25 @@ class Tokenizer:
                              "train it again with bpe.py or prepare.py") from None
 
     @classmethod
-    def from_gpt2_files(cls, vocab_bpe, encoder_json, texts=None):
-        """Loads GPT-2's original vocab.bpe (the merges) + encoder.json (token -> id); Hugging
-        Face's merges.txt + vocab.json are the same files. `texts`, if given, are their contents."""
+    def from_gpt2_files(cls, vocab_bpe, encoder_json, special_tokens=(), texts=None):
+        """Loads GPT-2's original vocab.bpe (the merges, maybe after a #version line) and
+        encoder.json (token -> id); Hugging Face's merges.txt + vocab.json are the same
+        files. `special_tokens` names vocab entries that are special besides the <|...|>
+        ones; `texts`, if given, are the two files' contents."""
         try:
             merges_text, vocab_text = texts or (_read_text(vocab_bpe), _read_text(encoder_json))
-            merges = [tuple(line.split(" ")) for line in merges_text.split("\n")[1:] if line]  # [0]: "#version"
-            return cls._from_printable(json.loads(vocab_text), merges, GPT2_PATTERN)
+            lines = merges_text.splitlines()  # the files' characters hold no line breaks but \n (and \r\n)
+            lines = lines[1:] if lines and lines[0].startswith("#version") else lines
+            merges = [tuple(line.split(" ")) for line in lines if line]
+            return cls._from_printable(json.loads(vocab_text), merges, GPT2_PATTERN, special_tokens)
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise ValueError(f"{vocab_bpe} + {encoder_json}: not GPT-2 tokenizer files ({type(e).__name__}: {e})") from None
 
     @classmethod
-    def from_hf_json(cls, path, text=None):
+    def from_hf_json(cls, path, text=None, special_tokens=()):
         """Loads a Hugging Face tokenizer.json of a byte-level BPE (GPT-2's split, maybe after
         splitting off single digits, as SmolLM2's); `text`, if given, is the file's content.
-        Encoding then follows tiktoken's rule (lowest rank first), as for every Tokenizer."""
+        Its added tokens are special, and so are those named in `special_tokens`."""
         try:
             hf = json.loads(_read_text(path) if text is None else text)
             model, pre = hf["model"], hf.get("pre_tokenizer") or {}
@@ -544,22 +548,27 @@ class Tokenizer:
                 raise ValueError("only byte-level BPEs with GPT-2's split (and maybe single digits first) load")
             merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
             added = {t["content"]: t["id"] for t in hf.get("added_tokens", [])}
-            return cls._from_printable(model["vocab"] | added, merges, pattern, set(added))
+            return cls._from_printable(model["vocab"] | added, merges, pattern, [*added, *special_tokens])
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise ValueError(f"{path}: not a tokenizer.json that bpe.py can load ({type(e).__name__}: {e})") from None
 
     @classmethod
-    def _from_printable(cls, vocab, merges, pattern, specials=None):
+    def _from_printable(cls, vocab, merges, pattern, specials):
         """GPT-2's files write each byte as a printable character: bytes that print stand
         for themselves, the others for chr(256), chr(257), ... in byte order. vocab: token
-        string -> id; merges: pairs of token strings; specials: the vocab's special tokens
-        (by default those that are neither a byte nor made by a merge)."""
+        string -> id; merges: pairs of token strings. An entry that is neither a byte nor
+        made by a merge must be a special token: named in `specials`, or <|...|>."""
         printable = {*range(33, 127), *range(161, 173), *range(174, 256)}
         byte_of = {chr(b): b for b in printable} | \
             {chr(256 + k): b for k, b in enumerate(b for b in range(256) if b not in printable)}
+        made = {a + b for a, b in merges}
+        specials = {s for s in vocab if s in specials or s not in byte_of and s not in made and
+                    s.startswith("<|") and s.endswith("|>")}
+        unknown = [s for s in vocab if s not in byte_of and s not in made and s not in specials]
+        if unknown:
+            raise ValueError(f"vocab entry {unknown[0]!r} is neither a byte, nor made by a merge, nor a special "
+                             "token (<|...|>); if it is special, name it in special_tokens")
         as_bytes = lambda s: bytes(byte_of[c] for c in s)  # noqa: E731
-        if specials is None:
-            specials = set(vocab) - set(byte_of) - {a + b for a, b in merges}
         ranks = {as_bytes(s): i for s, i in vocab.items() if s not in specials}
         return cls(ranks, [(as_bytes(a), as_bytes(b)) for a, b in merges], {s: vocab[s] for s in specials}, pattern)
 

@@ -460,6 +460,30 @@ def test_bpe_gpt2_exact(gpt2):
         tok.encode("a<|endoftext|>b")
 
 
+def test_bpe_gpt2_files_with_or_without_header(gpt2, tmp_path):
+    # issue 14.2: merges files from other tools often have no "#version" line; the first
+    # merge (Ġ t) was dropped, and "Ġt" taken for a special token
+    lines = pathlib.Path(gpt2[0]).read_text(encoding="utf-8").splitlines()
+    assert lines[0].startswith("#version") and lines[1] == "Ġ t"
+    (tmp_path / "merges.txt").write_text("\n".join(lines[1:]) + "\n", encoding="utf-8")
+    with_header = bpe.Tokenizer.from_gpt2_files(gpt2[0], gpt2[1])
+    without = bpe.Tokenizer.from_gpt2_files(tmp_path / "merges.txt", gpt2[1])
+    assert (without.ranks, without.merges, without.special_tokens) == \
+        (with_header.ranks, with_header.merges, with_header.special_tokens)
+    text = "it's time to take the tea out"
+    assert without.encode(" t") == [256] == gpt2[2].encode(" t") and without.encode(text) == gpt2[2].encode(text)
+    without.save(tmp_path / "g.bpe")  # raised KeyError
+    assert bpe.Tokenizer.load(tmp_path / "g.bpe").encode(text) == gpt2[2].encode(text)
+    # a vocab entry that is neither a byte, nor a merge's, nor <|...|> is an error naming
+    # it, unless the caller names it special
+    vocab = json.loads(pathlib.Path(gpt2[1]).read_text(encoding="utf-8")) | {"[PAD]": 50257}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"'\[PAD\]' is neither .* special_tokens"):
+        bpe.Tokenizer.from_gpt2_files(tmp_path / "merges.txt", tmp_path / "vocab.json")
+    tok = bpe.Tokenizer.from_gpt2_files(tmp_path / "merges.txt", tmp_path / "vocab.json", special_tokens=["[PAD]"])
+    assert tok.special_tokens == {bpe.EOT: 50256, "[PAD]": 50257} and tok.encode(text) == gpt2[2].encode(text)
+
+
 def test_bpe_overlapping_special_tokens(trained):
     specials = {"<|a|>": len(trained.ranks), "<|a|>b": len(trained.ranks) + 1}
     tok = bpe.Tokenizer(trained.ranks, trained.merges, specials, trained.pattern)
