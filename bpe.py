@@ -4,14 +4,17 @@ bpe.py: a byte-level BPE tokenizer, trained from scratch.
 Byte-pair encoding (Sennrich et al. 2016, as used by GPT-2) in four steps:
   1. split text on special tokens such as <|endoftext|>: they are never merged;
   2. pre-tokenize each part with a regex into "words" (GPT2_PATTERN below);
-  3. start every word as its UTF-8 bytes, so any text can be encoded (ids 0..255);
-  4. training: repeatedly merge the most frequent adjacent pair into a new token.
-     encoding: repeatedly merge the adjacent pair whose merged bytes have the
-     lowest rank (id), exactly as tiktoken does, until no pair is in the vocab.
+  3. start every word as its UTF-8 bytes, ids 0..255, so any text can be encoded;
+  4. training: merge the most frequent adjacent pair into a new token, again and again;
+     encoding: apply the learned merges to each word, the earliest learned first.
+
+Read the plain version first: train_plain and encode_plain, the whole algorithm in a
+page. Then train() and Tokenizer, the same results made fast, each speed trick marked
+as such. The tests check that the plain and the fast versions agree.
 
     tok = train(["some text", pathlib.Path("corpus.txt")], vocab_size=4096)
-    ids = tok.encode("hello world")           # pure Python, the readable reference
-    ids = tok.to_tiktoken().encode("hello")   # same ids, ~10x faster (Rust)
+    ids = tok.encode("hello world")           # pure Python
+    ids = tok.to_tiktoken().encode("hello")   # the same ids, ~3x faster (Rust)
     tok.save("data/x/tokenizer.bpe"); tok = Tokenizer.load("data/x/tokenizer.bpe")
 
 Command line: python bpe.py --input a.txt b.txt --vocab_size=4096 --out tok.bpe
@@ -40,14 +43,7 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 # the text between them. As one regex: digits alone, and a run of spaces before a digit
 # kept whole, as it would be at the end of the text before it.
 GPT2_DIGITS_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+"""
-# Speed trick: on ASCII text the same pattern with ASCII classes matches the same
-# words, and the stdlib `re` runs it about twice as fast as `regex` (test_all checks).
-GPT2_PATTERN_ASCII = re.compile(r"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+""", re.ASCII)
 EOT = "<|endoftext|>"
-CHUNK_CHARS = 1 << 20  # text sent to a counting worker at a time
-
-# -----------------------------------------------------------------------------
-# Training, part 1: count pre-tokens ("words"), in parallel over chunks of text
 
 
 def _special_regex(specials):
@@ -55,6 +51,110 @@ def _special_regex(specials):
     # among overlapping special tokens starting at one place the longest wins
     specials = sorted(specials, key=len, reverse=True)
     return regex.compile("|".join(regex.escape(s) for s in specials)) if specials else None
+
+
+def _utf8_safe(text):
+    # a Python str may hold lone surrogates, which UTF-8 cannot encode: they become
+    # U+FFFD first, as tiktoken does
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+# -----------------------------------------------------------------------------
+# The algorithm, plainly: read this first. A token is an id; ids 0..255 are the bytes.
+
+
+def get_stats(ids, counts=None):
+    """How often each adjacent pair occurs (added to `counts` if given).
+    get_stats([1, 2, 3, 1, 2]) -> {(1, 2): 2, (2, 3): 1, (3, 1): 1}"""
+    counts = {} if counts is None else counts
+    for pair in zip(ids, ids[1:]):
+        counts[pair] = counts.get(pair, 0) + 1
+    return counts
+
+
+def merge(ids, pair, idx):
+    """Replaces each occurrence of `pair`, left to right, with the new token `idx`.
+    merge([1, 2, 3, 1, 2], (1, 2), 4) -> [4, 3, 4]     merge([1, 1, 1], (1, 1), 4) -> [4, 1]"""
+    out, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
+            out.append(idx)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def pretokenize(text, special_tokens=(), pattern=GPT2_PATTERN):
+    """Steps 1 and 2: the words of text, which special tokens cut (and are dropped from).
+    pretokenize("Hi you!<|endoftext|>ok", [EOT]) -> ["Hi", " you", "!", "ok"]"""
+    parts = _special_regex(special_tokens).split(_utf8_safe(text)) if special_tokens else [_utf8_safe(text)]
+    return [word for part in parts for word in regex.findall(pattern, part)]
+
+
+def train_plain(texts, vocab_size, special_tokens=(EOT,), pattern=GPT2_PATTERN):
+    """Step 4 as the textbook says: count the adjacent pairs of all words, merge the most
+    frequent into a new token, repeat. On a tie the pair of greater byte strings wins, so
+    training is deterministic. It recounts everything for every merge, which is slow:
+    train() below returns the same tokenizer fast.
+    train_plain(["aaabdaaabac"], 256 + 3, ()).merges -> [(b"a", b"a"), (b"aa", b"a"), (b"aaa", b"b")]"""
+    words = [list(w.encode("utf-8")) for text in texts for w in pretokenize(text, special_tokens, pattern)]
+    vocab, merges = [bytes([b]) for b in range(256)], []  # vocab: id -> bytes
+    while len(vocab) + len(special_tokens) < vocab_size:
+        stats = {}
+        for w in words:
+            get_stats(w, stats)
+        if not stats:
+            break  # every word is a single token
+        pair = max(stats, key=lambda p: (stats[p], vocab[p[0]], vocab[p[1]]))
+        new = vocab[pair[0]] + vocab[pair[1]]
+        if new not in vocab:  # ("ab", "c") and ("a", "bc") both make "abc": one token, its first id
+            merges.append((vocab[pair[0]], vocab[pair[1]]))
+            vocab.append(new)
+        words = [merge(w, pair, vocab.index(new)) for w in words]
+    specials = {s: len(vocab) + k for k, s in enumerate(special_tokens)}
+    return Tokenizer({t: i for i, t in enumerate(vocab)}, merges, specials, pattern)
+
+
+def encode_plain(text, merges, pattern=GPT2_PATTERN):
+    """Encodes text (special tokens as plain text): in each word, merge the adjacent pair
+    that was learned first, until no pair has a merge. `merges`: pair -> new id, in the
+    order learned; a Tokenizer's are {(tok.ranks[a], tok.ranks[b]): tok.ranks[a + b] for
+    a, b in tok.merges}. Tokenizer.encode gives the same ids fast.
+    encode_plain("aaab", {(97, 97): 256, (97, 98): 257}) -> [256, 257]
+    (97 97 97 98 -> (97, 97) was learned first: 256 97 98 -> then (97, 98): 256 257)"""
+    rank = {pair: k for k, pair in enumerate(merges)}
+    out = []
+    for word in pretokenize(text, (), pattern):
+        ids = list(word.encode("utf-8"))
+        while len(ids) >= 2:
+            pair = min(get_stats(ids), key=lambda p: rank.get(p, len(rank)))
+            if pair not in merges:
+                break
+            ids = merge(ids, pair, merges[pair])
+        out += ids
+    return out
+
+# -----------------------------------------------------------------------------
+# Training, made fast. train_plain recounts every pair of every word for each merge;
+# train() returns the same tokenizer with four speed tricks:
+#   1. each distinct word is counted once, with its frequency, by processes that each
+#      take a chunk of the text (count_words);
+#   2. a merge changes only the pairs around its occurrences, so only those counts are
+#      updated, in only the words that hold the pair (`where`), instead of recounting;
+#   3. the most frequent pair comes from a heap, not from max() over all pairs;
+#   4. a word is a str with one character per token, so finding and replacing a pair
+#      are C string operations (str.find, str.replace).
+
+CHUNK_CHARS = 1 << 20  # text sent to a counting worker at a time
+# Speed trick: on ASCII text the same pattern with ASCII classes matches the same
+# words, and the stdlib `re` runs it about twice as fast as `regex` (test_all checks).
+GPT2_PATTERN_ASCII = re.compile(r"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+""", re.ASCII)
+
 
 
 def _read_file(path):
@@ -113,7 +213,7 @@ def _chunks(texts, specials, pattern):
 
 
 def _count_words(chunks, specials, pattern):
-    """Counts the pre-tokens of some chunks: special tokens cut the text and are dropped."""
+    """Counts the words of some chunks: pretokenize(), with the ASCII speed trick."""
     special_re = _special_regex(specials)
     counts = collections.Counter()
     for chunk in chunks:
@@ -187,7 +287,7 @@ def pool_map(fn, jobs, workers):
 
 
 def count_words(texts, specials, pattern, workers):
-    """Pre-token counts over the whole input. Memory holds the counts and the chunks in flight."""
+    """Word counts over the whole input. Memory holds the counts and the chunks in flight."""
     chunks = _chunks(texts, specials, pattern)
     counts, t0, last_print = collections.Counter(), time.time(), time.time()
     for n, chunk_counts in enumerate(pool_map(_count_words, ((b, specials, pattern) for b in batched(chunks)), workers)):
@@ -197,8 +297,30 @@ def count_words(texts, specials, pattern, workers):
             last_print = time.time()
     return counts
 
-# -----------------------------------------------------------------------------
-# Training, part 2: the merge loop
+
+def train(texts, vocab_size, special_tokens=(EOT,), pattern=GPT2_PATTERN, workers=None):
+    """Trains a byte-level BPE on `texts`, an iterable of strings (text) and
+    os.PathLike objects such as pathlib.Path (UTF-8 files, read in blocks). Each
+    string or file ends a document: no word spans two. Returns the same tokenizer as
+    train_plain (the tests check), fast.
+
+    Ids: 256 bytes, then one token per merge, then the special tokens; vocab_size counts
+    all three. A file that is not valid UTF-8 is rejected with an error naming it."""
+    special_tokens = list(special_tokens)
+    _check_specials(special_tokens)
+    n_tokens = vocab_size - len(special_tokens)
+    if n_tokens < 256:
+        raise ValueError(f"vocab_size={vocab_size} is too small: it needs at least 256 byte tokens "
+                         f"+ {len(special_tokens)} special tokens = {256 + len(special_tokens)}")
+    counts = count_words(texts, special_tokens, pattern, workers or os.cpu_count() or 1)
+    if not counts:
+        raise ValueError("the corpus is empty: no text to train on, outside special tokens")
+    vocab, merges = _merge_loop(counts, n_tokens)
+    if len(vocab) < n_tokens:
+        print(f"bpe: the corpus ran out of pairs after {len(merges)} merges; "
+              f"the vocab has {len(vocab) + len(special_tokens)} tokens, not {vocab_size}")
+    specials = {s: len(vocab) + k for k, s in enumerate(special_tokens)}
+    return Tokenizer({t: i for i, t in enumerate(vocab)}, merges, specials, pattern)
 
 
 def _desc_key(token: bytes):
@@ -209,50 +331,26 @@ def _desc_key(token: bytes):
     return "".join(chr(256 - x) for x in token) + chr(257)
 
 
-def train(texts, vocab_size, special_tokens=(EOT,), pattern=GPT2_PATTERN, workers=None):
-    """Trains a byte-level BPE on `texts`, an iterable of strings (text) and
-    os.PathLike objects such as pathlib.Path (UTF-8 files, read in blocks). Each
-    string or file ends a document: no word spans two.
-
-    Ids: 256 bytes, then one token per merge, then the special tokens; vocab_size
-    counts all three. The most frequent pair is merged first; ties go to the
-    lexicographically greatest pair of byte strings, i.e. max over
-    (count, (left_bytes, right_bytes)), so training is deterministic.
-    A file that is not valid UTF-8 is rejected with an error naming it.
-    """
-    special_tokens = list(special_tokens)
-    _check_specials(special_tokens)
-    n_tokens = vocab_size - len(special_tokens)
-    if n_tokens < 256:
-        raise ValueError(f"vocab_size={vocab_size} is too small: it needs at least 256 byte tokens "
-                         f"+ {len(special_tokens)} special tokens = {256 + len(special_tokens)}")
-    counts = count_words(texts, special_tokens, pattern, workers or os.cpu_count() or 1)
-    if not counts:
-        raise ValueError("the corpus is empty: no text to train on, outside special tokens")
-
-    # Speed trick: a word is a str with one character per token, chr(id), so finding
-    # and merging a pair are C string operations (`pair in w`, w.replace). Pairs are
-    # 2-character strings. Bytes 0..255 are chr(0..255), so latin-1 makes the words.
+def _merge_loop(counts, n_tokens):
+    """train_plain's loop over word counts {word: count}, with speed tricks 2 to 4."""
+    # trick 4: chr(id) per token; bytes 0..255 are chr(0..255), so latin-1 makes the words
     words = [w.encode("utf-8").decode("latin-1") for w in counts]
     freqs = list(counts.values())  # words[i] was seen freqs[i] times
-    del counts
     vocab = [bytes([b]) for b in range(256)]  # id -> bytes
     ids = {t: i for i, t in enumerate(vocab)}  # bytes -> id
     keys = [_desc_key(t) for t in vocab]
-    pair_counts = collections.defaultdict(int)  # pair -> occurrences in the corpus
-    where = collections.defaultdict(set)  # pair -> indices of the words that (may) hold it
+    pair_counts = collections.defaultdict(int)  # pair (a 2-character str) -> occurrences
+    where = collections.defaultdict(set)  # trick 2: pair -> indices of the words that (may) hold it
     for i, (w, f) in enumerate(zip(words, freqs)):
         for k in range(len(w) - 1):
             pair_counts[w[k:k + 2]] += f
             where[w[k:k + 2]].add(i)
-    # A max-heap of pairs as (-count, tie-break key, pair). Entries go stale as counts
-    # change: a pair is pushed again when its count grows, and when an entry is popped
-    # with a count that has fallen since (never pushing on a fall halves the heap).
+    # trick 3: a max-heap of pairs as (-count, tie-break key, pair). Entries go stale as
+    # counts change: a pair is pushed again when its count grows, and when an entry is
+    # popped with a count that has fallen since (never pushing on a fall halves the heap).
     heap = [(-c, keys[ord(p[0])] + keys[ord(p[1])], p) for p, c in pair_counts.items()]
     heapq.heapify(heap)
-
     merges, t0, last_print = [], time.time(), time.time()
-    n_merges = n_tokens - 256
     while len(vocab) < n_tokens and heap:
         neg, key, pair = heapq.heappop(heap)
         count = pair_counts.get(pair, 0)
@@ -260,12 +358,8 @@ def train(texts, vocab_size, special_tokens=(EOT,), pattern=GPT2_PATTERN, worker
             if 0 < count < -neg:
                 heapq.heappush(heap, (-count, key, pair))
             continue
-        # Guard: if the merged bytes were already a token, made by another pair (("ab",
-        # "c") and ("a", "bc") both give "abc"), reuse it, as encoding by rank would.
-        # A search of 200k small random corpora never hit this, but a duplicate would
-        # break the bytes -> id map.
         a, b = vocab[ord(pair[0])], vocab[ord(pair[1])]
-        new = ids.get(a + b)
+        new = ids.get(a + b)  # as in train_plain, bytes made before keep their id
         if new is None:
             new = ids[a + b] = len(vocab)
             vocab.append(a + b)
@@ -277,10 +371,8 @@ def train(texts, vocab_size, special_tokens=(EOT,), pattern=GPT2_PATTERN, worker
         for i in where.pop(pair):
             w, f = words[i], freqs[i]
             k, end = w.find(pair), -1  # end: where the previous occurrence ended
-            if k < 0:
-                continue  # an out-of-date entry in `where`
             while k >= 0:
-                nxt = w.find(pair, k + 2)  # non-overlapping, left to right, as str.replace
+                nxt = w.find(pair, k + 2)  # non-overlapping, left to right, as merge() and str.replace
                 if k > 0:  # the pair on the left, x a, becomes x N (or N N after a merge)
                     delta[w[k - 1:k + 1]] -= f
                     left = (N if end == k else w[k - 1]) + N
@@ -302,23 +394,9 @@ def train(texts, vocab_size, special_tokens=(EOT,), pattern=GPT2_PATTERN, worker
             elif d > 0:
                 heapq.heappush(heap, (-c, keys[ord(p[0])] + keys[ord(p[1])], p))
         if time.time() - last_print > 5:
-            print(f"bpe: merge {len(merges)}/{n_merges}, {time.time() - t0:.0f}s", flush=True)
+            print(f"bpe: merge {len(merges)}/{n_tokens - 256}, {time.time() - t0:.0f}s", flush=True)
             last_print = time.time()
-    if len(vocab) < n_tokens:
-        print(f"bpe: the corpus ran out of pairs after {len(merges)} merges; "
-              f"the vocab has {len(vocab) + len(special_tokens)} tokens, not {vocab_size}")
-    specials = {s: len(vocab) + k for k, s in enumerate(special_tokens)}
-    return Tokenizer(ids, merges, specials, pattern)
-
-
-def _utf8_safe(text):
-    # a Python str may hold lone surrogates, which UTF-8 cannot encode: they become
-    # U+FFFD first, as tiktoken does
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return vocab, merges
 
 
 def _check_specials(specials):
@@ -330,8 +408,7 @@ def _check_specials(specials):
         raise ValueError(f"special token {dup[0]!r} is listed twice")
 
 # -----------------------------------------------------------------------------
-# The tokenizer: encode, decode, save, load
-
+# The tokenizer: encode (encode_plain, made fast), decode, save, load
 
 class Tokenizer:
     """ranks: bytes -> id for the mergeable tokens (the 256 bytes and the merges);
@@ -360,7 +437,7 @@ class Tokenizer:
         for left, right in self.merges:
             if left + right not in self.ranks:
                 raise ValueError(f"merge {left!r} + {right!r} makes no token in the vocab")
-        self._cache = {}  # pre-token -> ids, the pure-Python encoder's speed trick
+        self._cache = {}  # word -> ids, the pure-Python encoder's speed trick
 
     @property
     def n_vocab(self):
@@ -373,13 +450,15 @@ class Tokenizer:
     # --- encoding ---
 
     def _bpe(self, piece: bytes):
-        """tiktoken's rule: join the adjacent pair whose bytes have the lowest rank (the
-        leftmost on ties) until no joined pair is a token. parts is a linked list of
-        start offsets and a heap holds the candidate joins, so a long piece (a run of
-        10^5 spaces) costs O(n log n), not O(n^2)."""
-        ranks, n = self.ranks, len(piece)
-        if piece in ranks:
-            return [ranks[piece]]
+        """encode_plain's loop for one word, made fast: the candidate joins wait in a heap
+        and the parts form a linked list (start offsets), so a long word (a run of 10^5
+        spaces) costs O(n log n), not O(n^2). A candidate is a pair whose joined bytes are
+        a token, and the lowest rank (id) joins first: tiktoken's rule, which needs no
+        table of pairs; where the ids rise in merge order it gives encode_plain's result
+        (the tests check)."""
+        prio, n = self.ranks, len(piece)
+        if piece in self.ranks:  # as tiktoken does
+            return [self.ranks[piece]]
         nxt = list(range(1, n + 1))  # start of the part after the part starting at i
         prv = list(range(-1, n - 1))
         heap = []
@@ -387,15 +466,15 @@ class Tokenizer:
         def push(i):  # the candidate join of the part at i with the next one
             if nxt[i] < n:
                 end = nxt[nxt[i]]
-                r = ranks.get(piece[i:end])
-                if r is not None:
-                    heapq.heappush(heap, (r, i, end))
+                p = prio.get(piece[i:end])
+                if p is not None:
+                    heapq.heappush(heap, (p, i, end))
 
         for i in range(n - 1):
             push(i)
         alive = [True] * n
         while heap:
-            r, i, end = heapq.heappop(heap)
+            p, i, end = heapq.heappop(heap)
             if not alive[i] or nxt[i] >= n or nxt[nxt[i]] != end:
                 continue  # stale: a part it joined has changed since
             j = nxt[i]  # join part j into part i
@@ -408,7 +487,7 @@ class Tokenizer:
                 push(prv[i])
         out, i = [], 0
         while i < n:
-            out.append(ranks[piece[i:nxt[i]]])
+            out.append(self.ranks[piece[i:nxt[i]]])
             i = nxt[i]
         return out
 
@@ -575,7 +654,7 @@ class Tokenizer:
     # --- the fast path ---
 
     def to_tiktoken(self, name="bpe"):
-        """A tiktoken.Encoding with the same ranks, pattern and special tokens: same ids."""
+        """A tiktoken.Encoding with the same ranks, pattern and special tokens: the same ids."""
         import tiktoken
         specials = sorted(self.special_tokens)
         for s, t in zip(specials, specials[1:]):  # sorted: a prefix sorts right before its extensions

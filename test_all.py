@@ -232,39 +232,24 @@ def sample(out, *args):
 # bpe.py
 
 
-def naive_train(texts, vocab_size, specials, pattern):
-    """The textbook algorithm as a reference: recount every pair before each merge."""
-    words = collections.Counter()
-    split = "|".join(regex.escape(s) for s in sorted(specials, key=len, reverse=True))
-    for text in texts:
-        for part in regex.split(split, text) if specials else [text]:
-            for w in regex.findall(pattern, part):
-                words[tuple(bytes([b]) for b in w.encode())] += 1
-    vocab, merges = {bytes([b]) for b in range(256)}, []
-    while len(vocab) + len(specials) < vocab_size:
-        pairs = collections.Counter()
-        for w, c in words.items():
-            for p in zip(w, w[1:]):
-                pairs[p] += c
-        if not pairs:
-            break
-        best = max(pairs, key=lambda p: (pairs[p], p))
-        if best[0] + best[1] not in vocab:
-            vocab.add(best[0] + best[1])
-            merges.append(best)
-        new_words = collections.Counter()
-        for w, c in words.items():
-            out, j = [], 0
-            while j < len(w):
-                if w[j:j + 2] == best:
-                    out.append(best[0] + best[1])
-                    j += 2
-                else:
-                    out.append(w[j])
-                    j += 1
-            new_words[tuple(out)] += c
-        words = new_words
-    return merges
+def plain_ids(tok, text):
+    """bpe.encode_plain with tok's merges, for any ids: the tokens are numbered bytes
+    first, then in merge order (as encode_plain expects), and the result numbered back."""
+    new = {bytes([b]): b for b in range(256)}
+    for a, b in tok.merges:
+        new.setdefault(a + b, len(new))
+    back = {i: tok.ranks[t] for t, i in new.items()}
+    merges = {(new[a], new[b]): new[a + b] for a, b in tok.merges}
+    return [back[i] for i in bpe.encode_plain(text, merges, tok.pattern)]
+
+
+def test_bpe_plain_version_by_hand():
+    # the examples of bpe.py's docstrings, worked by hand there
+    assert bpe.get_stats([1, 2, 3, 1, 2]) == {(1, 2): 2, (2, 3): 1, (3, 1): 1}
+    assert bpe.merge([1, 2, 3, 1, 2], (1, 2), 4) == [4, 3, 4] and bpe.merge([1, 1, 1], (1, 1), 4) == [4, 1]
+    assert bpe.pretokenize("Hi you!<|endoftext|>ok", [bpe.EOT]) == ["Hi", " you", "!", "ok"]
+    assert bpe.encode_plain("aaab", {(97, 97): 256, (97, 98): 257}) == [256, 257]
+    assert bpe.train_plain(["aaabdaaabac"], 256 + 3, ()).merges == [(b"a", b"a"), (b"aa", b"a"), (b"aaa", b"b")]
 
 
 def test_bpe_train_by_hand():
@@ -274,30 +259,48 @@ def test_bpe_train_by_hand():
     # [aaa] b d [aaa] b a c -> (aaa, b) twice. [aaab] d [aaab] a c: all pairs once, the
     # greatest left side is b"d" -> (d, aaab), then (daaab, a), (daaaba, c), and last
     # (aaab, daaabac) makes the whole word.
-    tok = bpe.train(["aaabdaaabac"], 256 + 7 + 1, workers=1)
-    assert tok.merges == [(b"a", b"a"), (b"aa", b"a"), (b"aaa", b"b"), (b"d", b"aaab"), (b"daaab", b"a"),
-                          (b"daaaba", b"c"), (b"aaab", b"daaabac")]
-    assert tok.encode("aaabdaaabac") == [256 + 6] and tok.special_tokens == {bpe.EOT: 263}
+    expect = [(b"a", b"a"), (b"aa", b"a"), (b"aaa", b"b"), (b"d", b"aaab"), (b"daaab", b"a"),
+              (b"daaaba", b"c"), (b"aaab", b"daaabac")]
+    for train in (bpe.train_plain, lambda *args: bpe.train(*args, workers=1)):
+        tok = train(["aaabdaaabac"], 256 + 7 + 1)
+        assert tok.merges == expect and tok.encode("aaabdaaabac") == [256 + 6] and tok.special_tokens == {bpe.EOT: 263}
     # a corpus with fewer pairs than asked for stops early, with a smaller vocab
     with contextlib.redirect_stdout(io.StringIO()) as out:
-        assert bpe.train(["ab"], 300, workers=1).n_vocab == 256 + 1 + 1
+        assert bpe.train(["ab"], 300, workers=1).n_vocab == bpe.train_plain(["ab"], 300).n_vocab == 256 + 1 + 1
     assert "ran out of pairs" in out.getvalue()
 
 
-def test_bpe_train_matches_naive_reference():
-    rng = random.Random(0)
+def test_bpe_train_matches_plain():
+    rng = random.Random(21)
     for trial in range(40):
-        alphabet = rng.choice(["ab", "abc ", "aab \n", "xyz<|>", "ab  \n\n"])
+        alphabet = rng.choice(["ab", "abc ", "aab \n", "xyz<|>", "ab  \n\n", "a'b1 "])
         texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 80))) for _ in range(rng.randint(1, 5))]
         pattern = rng.choice([bpe.GPT2_PATTERN, r"\S+|\s+", r"[^|]+"])
         size = rng.randint(258, 300)
         with contextlib.redirect_stdout(io.StringIO()):
             try:
-                got = bpe.train(texts, size, ["<|>"], pattern, workers=1).merges
+                fast = bpe.train(texts, size, ["<|>"], pattern, workers=1)
             except ValueError:  # the corpus was only special tokens
                 assert not "".join(texts).replace("<|>", "")
                 continue
-        assert got == naive_train(texts, size, ["<|>"], pattern), (trial, texts)
+        plain = bpe.train_plain(texts, size, ["<|>"], pattern)
+        assert (fast.merges, fast.ranks, fast.special_tokens) == (plain.merges, plain.ranks, plain.special_tokens), texts
+
+
+def test_bpe_encode_matches_plain(trained, gpt2):
+    # the fast encoder (a heap; it joins the pair whose bytes make the earliest merged
+    # token, tiktoken's rule) against encode_plain (it merges the pair learned first)
+    rng = random.Random(22)
+    cases = [(trained, varied_texts(23, 20)), (bpe.Tokenizer.from_gpt2_files(gpt2[0], gpt2[1]), varied_texts(24, 10))]
+    for _ in range(15):
+        alphabet = rng.choice(["ab", "abc ", "aab \n", "xyz'", "ab  \n\n", "a1b2 "])
+        corpus = ["".join(rng.choice(alphabet) for _ in range(rng.randint(50, 400))) for _ in range(3)]
+        with contextlib.redirect_stdout(io.StringIO()):
+            tok = bpe.train(corpus, rng.randint(270, 320), workers=1)
+        cases.append((tok, ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(30)]))
+    for tok, texts in cases:
+        for text in texts:
+            assert tok.encode_ordinary(text) == plain_ids(tok, text), text
 
 
 def test_bpe_chunking_and_workers(tmp_path, monkeypatch):
@@ -664,6 +667,7 @@ def test_bpe_cli(tmp_path):
                               f"--out={dest}"], cwd=ROOT, capture_output=True, text=True)
         assert run.returncode != 0 and msg in run.stderr and "Traceback" not in run.stderr, run.stderr
 
+
 def test_bpe_from_hf_tokenizer_json(tmp_path):
     # SmolLM2's tokenizer.json: a byte-level BPE with single digits split off first;
     # one is trained here with Hugging Face tokenizers, and its ids are the reference
@@ -689,6 +693,7 @@ def test_bpe_from_hf_tokenizer_json(tmp_path):
     (tmp_path / "tokenizer.json").write_text('{"model": {"type": "Unigram"}}')
     with pytest.raises(ValueError, match="tokenizer.json that bpe.py can load"):
         bpe.Tokenizer.from_hf_json(tmp_path / "tokenizer.json")
+
 
 # -----------------------------------------------------------------------------
 # prepare.py
