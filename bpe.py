@@ -412,7 +412,9 @@ def _check_specials(specials):
 
 class Tokenizer:
     """ranks: bytes -> id for the mergeable tokens (the 256 bytes and the merges);
-    merges: (left, right) byte strings in training order; special_tokens: text -> id."""
+    merges: (left, right) byte strings in the order learned, which is the order they
+    apply in; special_tokens: text -> id. Without merges (tiktoken's own files have
+    none), the ranks give that order."""
 
     def __init__(self, ranks, merges, special_tokens, pattern=GPT2_PATTERN):
         self.ranks, self.merges, self.pattern = dict(ranks), list(merges), pattern
@@ -434,9 +436,17 @@ class Tokenizer:
         missing = [b for b in range(256) if bytes([b]) not in self.ranks]
         if missing:
             raise ValueError(f"byte {missing[0]} has no token: a byte-level BPE needs all 256")
-        for left, right in self.merges:
-            if left + right not in self.ranks:
-                raise ValueError(f"merge {left!r} + {right!r} makes no token in the vocab")
+        # the priority of a token: the place of the merge that makes it (the first, if two do)
+        self._prio = {}
+        for k, (left, right) in enumerate(self.merges):
+            if not (left in self.ranks and right in self.ranks and left + right in self.ranks):
+                raise ValueError(f"merge {left!r} + {right!r}: the vocab lacks one of its three tokens")
+            self._prio.setdefault(left + right, k)
+        if not self.merges:
+            self._prio = {t: i for t, i in self.ranks.items() if len(t) > 1}
+        unmade = [t for t in self.ranks if len(t) > 1 and t not in self._prio]
+        if unmade:
+            raise ValueError(f"token {unmade[0]!r} (id {self.ranks[unmade[0]]}) is made by no merge")
         self._cache = {}  # word -> ids, the pure-Python encoder's speed trick
 
     @property
@@ -453,10 +463,10 @@ class Tokenizer:
         """encode_plain's loop for one word, made fast: the candidate joins wait in a heap
         and the parts form a linked list (start offsets), so a long word (a run of 10^5
         spaces) costs O(n log n), not O(n^2). A candidate is a pair whose joined bytes are
-        a token, and the lowest rank (id) joins first: tiktoken's rule, which needs no
-        table of pairs; where the ids rise in merge order it gives encode_plain's result
-        (the tests check)."""
-        prio, n = self.ranks, len(piece)
+        a token, with that token's priority: tiktoken's rule, which needs no table of
+        pairs and makes to_tiktoken() exact; for merges that BPE learned it gives
+        encode_plain's result (the tests check both)."""
+        prio, n = self._prio, len(piece)
         if piece in self.ranks:  # as tiktoken does
             return [self.ranks[piece]]
         nxt = list(range(1, n + 1))  # start of the part after the part starting at i
@@ -661,6 +671,13 @@ class Tokenizer:
             if t.startswith(s):
                 raise ValueError(f"special tokens {s!r} and {t!r} overlap; tiktoken does not promise the "
                                  "longest match (encode() does), so use encode() for this tokenizer")
+        # tiktoken takes the ids as the merge order: they must rise with it, or ids would differ
+        order = sorted(self._prio, key=self._prio.get)
+        for s, t in zip(order, order[1:]):
+            if self.ranks[s] > self.ranks[t]:
+                raise ValueError(f"token {t!r} (id {self.ranks[t]}) is merged after {s!r} (id {self.ranks[s]}) but "
+                                 "has a lower id; tiktoken merges by id, so its ids would differ: use encode(), "
+                                 "or number the tokens in merge order")
         return tiktoken.Encoding(name, pat_str=self.pattern, mergeable_ranks=self.ranks,
                                  special_tokens=self.special_tokens)
 

@@ -303,6 +303,33 @@ def test_bpe_encode_matches_plain(trained, gpt2):
             assert tok.encode_ordinary(text) == plain_ids(tok, text), text
 
 
+def test_bpe_merge_order_comes_from_the_merges_list(trained, tmp_path):
+    # Merges (a, b) then (b, c), but "bc" has the lower id. In merge order "abc" is
+    # a b c -> (a, b) first: [ab] c. Merging the lowest id first would give a [bc].
+    ranks = {bytes([b]): b for b in range(256)} | {b"bc": 256, b"ab": 257}
+    tok = bpe.Tokenizer(ranks, [(b"a", b"b"), (b"b", b"c")], {})
+    assert tok.encode("abc") == [257, ord("c")] == bpe.encode_plain("abc", {(97, 98): 257, (98, 99): 256})
+    with pytest.raises(ValueError, match="merged after .* lower id"):
+        tok.to_tiktoken()  # tiktoken merges by id: it would give [97, 256]
+    # a trained tokenizer with its merged tokens' ids shuffled and its merges kept
+    # encodes to the same tokens as before, and survives a save
+    rng = random.Random(25)
+    new_ids = list(range(256, len(trained.ranks)))
+    rng.shuffle(new_ids)
+    ranks = {t: i if i < 256 else new_ids[i - 256] for t, i in trained.ranks.items()}
+    tok = bpe.Tokenizer(ranks, trained.merges, trained.special_tokens, trained.pattern)
+    tok.save(tmp_path / "shuffled.bpe")
+    back = bpe.Tokenizer.load(tmp_path / "shuffled.bpe")
+    for text in varied_texts(26):
+        ids = tok.encode_ordinary(text)
+        assert [tok.vocab[i] for i in ids] == [trained.vocab[i] for i in trained.encode_ordinary(text)]
+        assert ids == plain_ids(tok, text) == back.encode_ordinary(text)
+    with pytest.raises(ValueError, match="merged after"):
+        tok.to_tiktoken()
+    # without merges (tiktoken's own files have none) the ranks give the order
+    assert bpe.Tokenizer(trained.ranks, [], trained.special_tokens).encode(text) == trained.encode(text)
+
+
 def test_bpe_chunking_and_workers(tmp_path, monkeypatch):
     # Small chunks force every kind of cut: after special tokens, at the end of each
     # file, and inside a long document with no special token (at a newline after a
