@@ -46,11 +46,11 @@ GPT2_DIGITS_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+
 EOT = "<|endoftext|>"
 
 
-def _special_regex(specials):
+def _special_regex(specials, reverse=False):
     # longest first: regex alternation takes the first option that matches, so
-    # among overlapping special tokens starting at one place the longest wins
+    # among overlapping special tokens starting (or, reversed, ending) at one place the longest wins
     specials = sorted(specials, key=len, reverse=True)
-    return regex.compile("|".join(regex.escape(s) for s in specials)) if specials else None
+    return regex.compile("(?r)" * reverse + "|".join(regex.escape(s) for s in specials)) if specials else None
 
 
 def _utf8_safe(text):
@@ -154,7 +154,12 @@ CHUNK_CHARS = 1 << 20  # text sent to a counting worker at a time
 # Speed trick: on ASCII text the same pattern with ASCII classes matches the same
 # words, and the stdlib `re` runs it about twice as fast as `regex` (test_all checks).
 GPT2_PATTERN_ASCII = re.compile(r"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+""", re.ASCII)
-
+# Where GPT-2's patterns let text be cut without changing its words, whatever follows:
+# where a run of letters, of digits or of other symbols ends and another kind of
+# character comes. The word before ends there, and the next word starts there (the
+# patterns never look back). Not after an apostrophe ('s is one word) or a space (" x"
+# is), and not beside a surrogate (two can make one character). (?r): from the right.
+_SAFE_CUT = regex.compile(r"(?r)\p{L}(?=[^\p{L}\p{Cs}])|\p{N}(?=[^\p{N}\p{Cs}])|[^\s\p{L}\p{N}\p{Cs}'](?=[\s\p{L}\p{N}])")
 
 
 def _read_file(path):
@@ -179,17 +184,40 @@ def _spans(buf, cut, specials):
     return any(s.startswith(buf[a:a + len(s)]) for s in specials for a in range(max(0, cut - len(s) + 1), cut))
 
 
-def _cut(buf, specials, boundaries, pattern):
-    """The last place where buf can be cut without changing the words on either side,
-    whatever text follows; 0 if there is none. That is after the last special token
-    of `boundaries` (those that split the text), or, with GPT-2's patterns, between a
-    letter or digit and a whitespace character (no GPT-2 word spans that); and never
-    where one of `specials` crosses. Other patterns are cut at special tokens only."""
-    ends = [m.end() for m in _special_regex(boundaries).finditer(buf)] if boundaries else []
-    # (?r): search from the right
-    if pattern in (GPT2_PATTERN, GPT2_DIGITS_PATTERN) and (m := regex.search(r"(?r)[\p{L}\p{N}](?=\s)", buf)):
-        ends.append(m.end())
-    return next((cut for cut in sorted(ends, reverse=True) if not _spans(buf, cut, specials)), 0)
+def _cut(buf, start, specials, boundaries, pattern):
+    """The last place after `start` where buf can be cut without changing the words on
+    either side, whatever text follows; 0 if there is none. That is after a special token
+    of `boundaries` (those that split the text), or with GPT-2's patterns at a _SAFE_CUT;
+    and never where one of `specials` crosses. Other patterns are cut at special tokens only."""
+    cut = 0
+    for m in _special_regex(boundaries, reverse=True).finditer(buf, start) if boundaries else ():
+        if not _spans(buf, m.start(), specials) and not _spans(buf, m.end(), specials):
+            cut = m.end()  # no special token crosses either end: this one is matched, whatever came before
+            break
+    if pattern in (GPT2_PATTERN, GPT2_DIGITS_PATTERN):
+        for m in _SAFE_CUT.finditer(buf, max(start, cut)):
+            if not _spans(buf, m.end(), specials):
+                return m.end()
+    return cut
+
+
+def _pieces(blocks, specials, boundaries, pattern, size):
+    """The text of `blocks` joined, and cut again into pieces of `size` characters or
+    more (but the last) at places where _cut allows, so each piece can be worked on alone.
+    Each search starts where the last one ended, less a margin near the end where a cut
+    may become possible as text comes: the scan is linear, and memory holds one piece."""
+    margin = 2 * max(map(len, specials), default=0) + 2
+    buf, scanned = "", 0
+    for block in blocks:
+        buf += block
+        if len(buf) >= size:
+            cut = _cut(buf, max(0, scanned - margin), specials, boundaries, pattern)
+            scanned = len(buf) - cut
+            if cut:
+                yield buf[:cut]
+                buf = buf[cut:]
+    if buf:
+        yield buf
 
 
 def _chunks(texts, specials, pattern):
@@ -202,14 +230,7 @@ def _chunks(texts, specials, pattern):
             blocks = (item[i:i + CHUNK_CHARS] for i in range(0, len(item), CHUNK_CHARS))
         else:
             raise TypeError(f"train() takes strings (text) and os.PathLike objects (files), not {type(item).__name__}")
-        buf = ""
-        for block in blocks:
-            buf += block
-            while len(buf) >= CHUNK_CHARS and (cut := _cut(buf, specials, specials, pattern)):
-                yield buf[:cut]
-                buf = buf[cut:]
-        if buf:
-            yield buf
+        yield from _pieces(blocks, specials, specials, pattern, CHUNK_CHARS)
 
 
 def _count_words(chunks, specials, pattern):
@@ -410,6 +431,9 @@ def _check_specials(specials):
 # -----------------------------------------------------------------------------
 # The tokenizer: encode (encode_plain, made fast), decode, save, load
 
+STREAM_CHARS = 1 << 14  # encode_iterable encodes text in pieces of about this many characters
+
+
 class Tokenizer:
     """ranks: bytes -> id for the mergeable tokens (the 256 bytes and the merges);
     merges: (left, right) byte strings in the order learned, which is the order they
@@ -447,7 +471,7 @@ class Tokenizer:
         unmade = [t for t in self.ranks if len(t) > 1 and t not in self._prio]
         if unmade:
             raise ValueError(f"token {unmade[0]!r} (id {self.ranks[unmade[0]]}) is made by no merge")
-        self._cache = {}  # word -> ids, the pure-Python encoder's speed trick
+        self._cache, self._cached = {}, 0  # word -> ids, the pure-Python encoder's speed trick; ids held
 
     @property
     def n_vocab(self):
@@ -507,9 +531,11 @@ class Tokenizer:
         for piece in self._pat.findall(_utf8_safe(text)):
             ids = cache.get(piece)
             if ids is None:
-                if len(cache) >= 1 << 14:
-                    cache.clear()  # bounded memory (~3 MB); hit rates barely change
+                if self._cached > 1 << 15:  # bounded memory: ~32K ids in all, ~2 MB; hit rates barely change
+                    cache.clear()
+                    self._cached = 0
                 ids = cache[piece] = self._bpe(piece.encode("utf-8"))
+                self._cached += len(ids)
             out.extend(ids)
         return out
 
@@ -535,18 +561,13 @@ class Tokenizer:
         return out + self.encode_ordinary(text[start:])
 
     def encode_iterable(self, texts, allowed_special=(), disallowed_special="all"):
-        """Yields the ids of the concatenation of `texts` (e.g. a file's lines). Text is
-        encoded up to the last place where what follows cannot change its ids (see
-        _cut: an allowed special token, or a letter before a space), and the rest waits
-        for the next string: memory is bounded by the text between such places."""
+        """Yields the ids of the concatenation of `texts` (a file's lines, say), as encode()
+        would give them. Text is encoded in pieces of about STREAM_CHARS, each cut where
+        what follows cannot change its ids (see _cut: after an allowed special token, or
+        where one kind of character ends and another starts), so memory is bounded."""
         allowed, disallowed = self._special_sets(allowed_special, disallowed_special)
-        buf = ""
-        for text in texts:
-            buf += text
-            if cut := _cut(buf, allowed | disallowed, allowed, self.pattern):
-                yield from self.encode(buf[:cut], allowed, disallowed)
-                buf = buf[cut:]
-        yield from self.encode(buf, allowed, disallowed)
+        for piece in _pieces(texts, allowed | disallowed, allowed, self.pattern, STREAM_CHARS):
+            yield from self.encode(piece, allowed, disallowed)
 
     # --- decoding ---
 

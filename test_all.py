@@ -368,6 +368,34 @@ def test_bpe_chunking_and_workers(tmp_path, monkeypatch):
         collections.Counter({"x" * 2995: 1, "y": 1, " by": 1999, " ": 1})
 
 
+def test_bpe_safe_cuts_keep_the_words():
+    # Every place _cut finds in the first k characters must leave the words of the
+    # whole text unchanged, whatever follows k: random text of letters, digits, symbols,
+    # apostrophes, spaces, combining marks, surrogates (a pair makes one letter) and
+    # special tokens (one may be cut off at k, or overlap another, or itself)
+    rng = random.Random(27)
+    mixed = ["a", "b", "Z", "é", "中", "文", "1", "٣", " ", "  ", "\n", "\t", "'", "'s", "'ll", ".", "。", "!", "-",
+             "\u0301", "\ud835\udc00", "\ud800", "<|a|>", "<|", "|>", "x<|a|>b"]
+    for specials, boundaries, alphabet in ((["<|a|>", "<|a|>b"], ["<|a|>"], mixed),
+                                           (["x!x"], ["x!x"], ["x", "!", "x!x", "a", "1", " ", "。"])):
+        for pattern in (bpe.GPT2_PATTERN, bpe.GPT2_DIGITS_PATTERN):
+            n_cuts = 0
+            for _ in range(200):
+                text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30)))
+                words = bpe.pretokenize(text, specials, pattern)
+                for k in range(1, len(text) + 1):
+                    if cut := bpe._cut(text[:k], 0, specials, boundaries, pattern):
+                        n_cuts += 1
+                        assert bpe.pretokenize(text[:cut], specials, pattern) + \
+                            bpe.pretokenize(text[cut:], specials, pattern) == words, (text, cut)
+            assert n_cuts > 1000
+    # Chinese text has places to cut: where letters meet punctuation. They are found as
+    # soon as they exist, even when the text comes one character at a time.
+    text = "中文，中文。\n" * 500
+    pieces = list(bpe._pieces(iter(text), [], [], bpe.GPT2_PATTERN, 1))
+    assert "".join(pieces) == text and max(map(len, pieces)) == 3  # "\n中文": no cut after a space
+
+
 def test_bpe_ascii_pattern_matches_gpt2_pattern():
     # the counting speed trick: on ASCII text, stdlib re with ASCII classes == regex
     rng = random.Random(11)
@@ -524,7 +552,8 @@ def test_bpe_overlapping_special_tokens(trained):
         tok.to_tiktoken()
 
 
-def test_bpe_encode_iterable_equals_encode(trained, gpt2):
+def test_bpe_encode_iterable_equals_encode(trained, gpt2, monkeypatch):
+    monkeypatch.setattr(bpe, "STREAM_CHARS", 1)  # cut wherever it can, as often as it can
     rng = random.Random(8)
     g2 = bpe.Tokenizer.from_gpt2_files(gpt2[0], gpt2[1])
     pieces = VARIED + [bpe.EOT, "<|endof", "text|>", "<|endoftext|>!", "it'll", "we've", "\n\n", "  x", "\r\n"]
@@ -560,25 +589,27 @@ def test_bpe_encode_iterable_equals_encode(trained, gpt2):
 
 
 def test_bpe_encode_iterable_memory_is_bounded(trained):
-    # 4 MB of text, streamed; holding the text (4 MB) or the ids (1M+ Python ints,
-    # 8+ MB) would break the bound
-    words = ["the", "cat", "sat", "on", "mat", "and", "ran", "über", "数据", "🙂"]
-
-    def stream(n_chars):
-        rng, done = random.Random(9), 0
+    # Streamed text: holding the text or all the ids (1M+ Python ints, 8+ MB) would break
+    # the bound. Issue 14.3: Chinese lines end in punctuation, with no letter before a
+    # space to cut at; the held text grew, and each new line rescanned all of it.
+    def stream(n_chars, words, seps, seed):
+        rng, done = random.Random(seed), 0
         while done < n_chars:
-            text = " ".join(rng.choice(words) + str(rng.randrange(1000)) for _ in range(800))
-            text += rng.choice([" ", "\n", "\n\n    "])
+            text = rng.choice(seps[:1]).join(rng.choice(words) + rng.choice(seps[1:]) for _ in range(rng.randint(1, 50)))
             done += len(text)
             yield text
 
-    tracemalloc.start()
-    try:
-        n = sum(1 for _ in trained.encode_iterable(stream(4_000_000)))
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert n > 1_000_000 and peak < 2_000_000, (n, peak)
+    chinese = ["".join(chr(random.Random(k).randint(0x4E00, 0x9FA5)) for _ in range(k % 5 + 1)) for k in range(40)]
+    english = ["the", "cat", "sat", "on", "mat", "and", "ran", "über", "数据", "🙂", "42"]
+    for args in ((4_000_000, english, [" ", "", "7", "\n", "\n\n    "], 9), (300_000, chinese, ["", "，", "、", "。\n"], 10)):
+        tracemalloc.start()
+        try:
+            n = sum(1 for _ in trained.encode_iterable(stream(*args)))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert n > args[0] / 4 and peak < 2_000_000, (n, peak)
+    assert list(trained.encode_iterable(stream(*args))) == trained.encode("".join(stream(*args)))
 
 
 POOL_MAP_SCRIPT = """
