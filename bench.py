@@ -82,7 +82,7 @@ def bench_tokenizer(vocab_sizes=(8192, 32768)):
         print("|---:|---:|---:|---:|")
         trained = {}
         for size in vocab_sizes:
-            ours = lambda: trained.__setitem__(size, bpe.train([path], size))  # noqa: E731
+            ours = lambda: trained.__setitem__(size, bpe.train([], size, files=[path]))  # noqa: E731
             t_ours, t_hf = best_of(ours, lambda: hf_train(tokenizers, path, size), repeat=2) if tokenizers \
                 else (best_of(ours, repeat=2), None)
             hf = f"{t_hf:.2f} s" if t_hf else "n/a"

@@ -12,7 +12,7 @@ Read the plain version first: train_plain and encode_plain, the whole algorithm 
 page. Then train() and Tokenizer, the same results made fast, each speed trick marked
 as such. The tests check that the plain and the fast versions agree.
 
-    tok = train(["some text", pathlib.Path("corpus.txt")], vocab_size=4096)
+    tok = train(["some text", "more text"], vocab_size=4096, files=["corpus.txt"])
     ids = tok.encode("hello world")           # pure Python
     ids = tok.to_tiktoken().encode("hello")   # the same ids, ~3x faster (Rust)
     tok.save("data/x/tokenizer.bpe"); tok = Tokenizer.load("data/x/tokenizer.bpe")
@@ -173,7 +173,7 @@ def _read_file(path):
                 yield utf8.decode(data, final=not data)
             except UnicodeDecodeError as e:
                 raise ValueError(f"{path}: not valid UTF-8 near byte {done + e.start} ({e.reason}). Convert it "
-                                 "to UTF-8, or read it with errors='replace' and pass the text as a string") from None
+                                 "to UTF-8, or read it with errors='replace' and pass the text in texts=") from None
             if not data:
                 return
             done += len(data)
@@ -220,17 +220,20 @@ def _pieces(blocks, specials, boundaries, pattern, size):
         yield buf
 
 
-def _chunks(texts, specials, pattern):
+def _chunks(texts, files, specials, pattern):
     """Cuts the input into chunks of about CHUNK_CHARS or more, at places that do not
     depend on the number of workers: the end of each string or file, and _cut()."""
-    for item in texts:
-        if isinstance(item, os.PathLike):
-            blocks = _read_file(item)
-        elif isinstance(item, str):
-            blocks = (item[i:i + CHUNK_CHARS] for i in range(0, len(item), CHUNK_CHARS))
-        else:
-            raise TypeError(f"train() takes strings (text) and os.PathLike objects (files), not {type(item).__name__}")
-        yield from _pieces(blocks, specials, specials, pattern, CHUNK_CHARS)
+    for text in texts:
+        if not isinstance(text, str):
+            raise TypeError(f"train(): texts holds a {type(text).__name__} ({str(text)[:80]!r}): texts takes "
+                            "strings of text, and paths go in files=[...]")
+        if len(text) < 256 and "\n" not in text and os.path.isfile(text):
+            raise ValueError(f"train(): the text {text!r} names a file: to train on the file, pass files=[{text!r}]; "
+                             f"to train on the string itself, end it with a newline ({text!r} + '\\n')")
+        yield from _pieces((text[i:i + CHUNK_CHARS] for i in range(0, len(text), CHUNK_CHARS)),
+                           specials, specials, pattern, CHUNK_CHARS)
+    for path in files:
+        yield from _pieces(_read_file(path), specials, specials, pattern, CHUNK_CHARS)
 
 
 def _count_words(chunks, specials, pattern):
@@ -307,9 +310,8 @@ def pool_map(fn, jobs, workers):
             p.join()
 
 
-def count_words(texts, specials, pattern, workers):
-    """Word counts over the whole input. Memory holds the counts and the chunks in flight."""
-    chunks = _chunks(texts, specials, pattern)
+def count_words(chunks, specials, pattern, workers):
+    """Word counts over all chunks. Memory holds the counts and the chunks in flight."""
     counts, t0, last_print = collections.Counter(), time.time(), time.time()
     for n, chunk_counts in enumerate(pool_map(_count_words, ((b, specials, pattern) for b in batched(chunks)), workers)):
         counts.update(chunk_counts)
@@ -319,21 +321,23 @@ def count_words(texts, specials, pattern, workers):
     return counts
 
 
-def train(texts, vocab_size, special_tokens=(EOT,), pattern=GPT2_PATTERN, workers=None):
-    """Trains a byte-level BPE on `texts`, an iterable of strings (text) and
-    os.PathLike objects such as pathlib.Path (UTF-8 files, read in blocks). Each
-    string or file ends a document: no word spans two. Returns the same tokenizer as
-    train_plain (the tests check), fast.
+def train(texts, vocab_size, special_tokens=(EOT,), pattern=GPT2_PATTERN, workers=None, files=()):
+    """Trains a byte-level BPE on `texts`, strings of text, and `files`, paths of UTF-8
+    text files (read in blocks, never whole). Each string or file ends a document: no word
+    spans two. Returns the same tokenizer as train_plain (the tests check), fast.
 
     Ids: 256 bytes, then one token per merge, then the special tokens; vocab_size counts
     all three. A file that is not valid UTF-8 is rejected with an error naming it."""
+    if isinstance(texts, str) or isinstance(files, (str, os.PathLike)):
+        raise TypeError("train() takes lists: texts=[text, ...] and files=[path, ...]")
     special_tokens = list(special_tokens)
     _check_specials(special_tokens)
     n_tokens = vocab_size - len(special_tokens)
     if n_tokens < 256:
         raise ValueError(f"vocab_size={vocab_size} is too small: it needs at least 256 byte tokens "
                          f"+ {len(special_tokens)} special tokens = {256 + len(special_tokens)}")
-    counts = count_words(texts, special_tokens, pattern, workers or os.cpu_count() or 1)
+    chunks = _chunks(texts, files, special_tokens, pattern)
+    counts = count_words(chunks, special_tokens, pattern, workers or os.cpu_count() or 1)
     if not counts:
         raise ValueError("the corpus is empty: no text to train on, outside special tokens")
     vocab, merges = _merge_loop(counts, n_tokens)
@@ -790,7 +794,6 @@ def atomic_write(path, mode="w"):
 
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
-    import pathlib
     ap = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer on UTF-8 text files.")
     ap.add_argument("--input", nargs="+", required=True, help="UTF-8 text files")
     ap.add_argument("--vocab_size", type=int, required=True, help="256 bytes + merges + special tokens")
@@ -806,7 +809,7 @@ if __name__ == "__main__":
         ap.error(f"--out {args.out}: the folder {folder} does not exist or is not writable; create it first")
     t0 = time.time()
     try:
-        tok = train([pathlib.Path(p) for p in args.input], args.vocab_size, args.special_tokens, workers=args.workers)
+        tok = train([], args.vocab_size, args.special_tokens, workers=args.workers, files=args.input)
     except ValueError as e:
         ap.exit(1, f"bpe.py: error: {e}\n")
     tok.save(args.out)

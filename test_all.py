@@ -332,8 +332,8 @@ def test_bpe_merge_order_comes_from_the_merges_list(trained, tmp_path):
 
 def test_bpe_chunking_and_workers(tmp_path, monkeypatch):
     # Small chunks force every kind of cut: after special tokens, at the end of each
-    # file, and inside a long document with no special token (at a newline after a
-    # letter). The counts must equal counting each whole document at once.
+    # file, and inside a long document with no special token. The counts must equal
+    # counting each whole document at once.
     rng = random.Random(1)
     docs = [random_unicode(rng, rng.randint(0, 2000)) + rng.choice(["", "\n", "x\n"]) for _ in range(60)]
     long_doc = "\n".join("word%d %s" % (i, random_unicode(rng, 30)) for i in range(2000))
@@ -341,31 +341,32 @@ def test_bpe_chunking_and_workers(tmp_path, monkeypatch):
     for i in range(3):
         files.append(tmp_path / f"f{i}.txt")
         files[-1].write_text(bpe.EOT.join(docs[20 * i:20 * i + 20]) + (long_doc if i == 1 else ""), encoding="utf-8")
-    texts = files + ["plain string " * 500, bpe.EOT.join(docs[:5])]
+    texts = ["plain string " * 500, bpe.EOT.join(docs[:5])]
     expect = collections.Counter()
-    for t in [f.read_bytes().decode("utf-8") for f in files] + texts[3:]:
+    for t in [f.read_bytes().decode("utf-8") for f in files] + texts:
         for part in t.split(bpe.EOT):
             expect.update(regex.findall(bpe.GPT2_PATTERN, part))
     monkeypatch.setattr(bpe, "CHUNK_CHARS", 3000)
-    assert bpe.count_words(texts, [bpe.EOT], bpe.GPT2_PATTERN, 1) == expect
-    assert bpe.count_words(texts, [bpe.EOT], bpe.GPT2_PATTERN, 2) == expect
-    one = bpe.train(texts, 600, workers=1)
-    two = bpe.train(texts, 600, workers=2)
+
+    def count(texts, files=(), specials=(bpe.EOT,), pattern=bpe.GPT2_PATTERN, workers=1):
+        return bpe.count_words(bpe._chunks(texts, files, list(specials), pattern), list(specials), pattern, workers)
+    assert count(texts, [str(files[0]), *files[1:]]) == expect
+    assert count(texts, files, workers=2) == expect
+    one = bpe.train(texts, 600, workers=1, files=files)
+    two = bpe.train(texts, 600, workers=2, files=files)
     assert one.merges == two.merges and one.ranks == two.ranks and len(one.merges) == 600 - 257
     # a special token holding a letter then a newline is never cut there
-    text = "xa\nb" * 3000
-    assert bpe.count_words([text], ["a\nb"], bpe.GPT2_PATTERN, 1) == collections.Counter({"x": 3000})
+    assert count(["xa\nb" * 3000], specials=["a\nb"]) == collections.Counter({"x": 3000})
     # Windows newlines and no special token: still cut, and the counts are the same
     text = "".join(f"line {i} of text\r\n" for i in range(3000))
-    assert len(list(bpe._chunks([text], [], bpe.GPT2_PATTERN))) > 5
-    assert bpe.count_words([text], [], bpe.GPT2_PATTERN, 1) == collections.Counter(regex.findall(bpe.GPT2_PATTERN, text))
+    assert len(list(bpe._chunks([text], [], [], bpe.GPT2_PATTERN))) > 5
+    assert count([text], specials=()) == collections.Counter(regex.findall(bpe.GPT2_PATTERN, text))
     # other patterns are cut at special tokens only: r"\S+\s*" words span a letter and a newline
     text = "ab\ncd ef\n" * 1000
-    assert bpe.count_words([text], [], r"\S+\s*", 1) == collections.Counter(regex.findall(r"\S+\s*", text))
+    assert count([text], specials=(), pattern=r"\S+\s*") == collections.Counter(regex.findall(r"\S+\s*", text))
     # a block ends just after "<|a|>", but the text goes on into the longer "<|a|>b"
     text = "x" * 2995 + "<|a|>" + "by " * 2000
-    assert bpe.count_words([text], ["<|a|>", "<|a|>b"], bpe.GPT2_PATTERN, 1) == \
-        collections.Counter({"x" * 2995: 1, "y": 1, " by": 1999, " ": 1})
+    assert count([text], specials=["<|a|>", "<|a|>b"]) == collections.Counter({"x" * 2995: 1, "y": 1, " by": 1999, " ": 1})
 
 
 def test_bpe_safe_cuts_keep_the_words():
@@ -419,6 +420,27 @@ def test_bpe_special_tokens_are_never_merged():
     assert tok.special_tokens == {"<|endoftext|>": n, "XYZ": n + 1}
     ids = tok.encode("abXYZab<|endoftext|>", allowed_special="all")
     assert ids[-1] == n and n + 1 in ids and tok.decode(ids) == "abXYZab<|endoftext|>"
+
+
+def test_bpe_texts_and_files(tmp_path, monkeypatch):
+    # issue 14.4: train(["data/corpus.txt"]) used to train on the string "data/corpus.txt"
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("hello world, hello tokens\n" * 100, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"names a file.*files=\['corpus.txt'\].*newline"):
+        bpe.train(["corpus.txt"], 300, workers=1)
+    with pytest.raises(TypeError, match="files="):
+        bpe.train([corpus], 300, workers=1)
+    with pytest.raises(TypeError, match="lists"):
+        bpe.train([], 300, files="corpus.txt")
+    with pytest.raises(TypeError, match="lists"):
+        bpe.train("some text", 300)
+    with contextlib.redirect_stdout(io.StringIO()):
+        from_file = bpe.train([], 300, workers=1, files=["corpus.txt"])
+        from_text = bpe.train([corpus.read_text(encoding="utf-8")], 300, workers=1)
+        as_text = bpe.train(["corpus.txt\n"], 300, workers=1)  # the name itself, as text
+    assert from_file.merges == from_text.merges and len(from_file.merges) > 10
+    assert as_text.encode("corpus.txt") == [as_text.ranks[t] for t in (b"corpus", b".", b"txt")]
 
 
 def test_bpe_round_trip(trained, gpt2):
@@ -654,12 +676,12 @@ def test_bpe_bad_input(tmp_path):
         bpe.train(["x"], 300, special_tokens=("<|x|>", "<|x|>"))
     with pytest.raises(ValueError, match="non-empty"):
         bpe.train(["x"], 300, special_tokens=("",))
-    with pytest.raises(TypeError, match="os.PathLike"):
+    with pytest.raises(TypeError, match="texts holds a bytes.*files="):
         bpe.train([b"bytes"], 300)
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("café au lait".encode("latin-1"))
     with pytest.raises(ValueError, match="latin1.txt: not valid UTF-8 near byte 3"):
-        bpe.train([latin1], 300, workers=1)
+        bpe.train([], 300, workers=1, files=[latin1])
 
 
 def test_bpe_corrupt_tokenizer_files_are_named(tmp_path, trained, gpt2):
@@ -715,7 +737,7 @@ def test_bpe_cli(tmp_path):
     run = subprocess.run([sys.executable, "bpe.py", "--input", str(a), str(b), "--vocab_size=400", f"--out={out}"],
                          cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert bpe.Tokenizer.load(out).merges == bpe.train([a, b], 400, workers=1).merges
+    assert bpe.Tokenizer.load(out).merges == bpe.train([], 400, workers=1, files=[a, b]).merges
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe bad")
     # an --out folder that does not exist fails before training: bad.txt is never read
     for name, dest, msg in [("missing.txt", out, "missing.txt: no such file"),
