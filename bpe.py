@@ -29,8 +29,11 @@ import heapq
 import json
 import multiprocessing
 import os
+import pickle
+import queue
 import re
 import signal
+import threading
 import time
 
 import regex  # the stdlib `re` has no \p{L} (any letter) classes
@@ -263,42 +266,60 @@ def batched(texts):
 
 
 def _worker(conn, fn):
+    """Runs the parent's jobs in order. A thread reads the next job and another sends the
+    last result while this one works, so the work never waits on the pipe. Results go
+    pickled, an error as text if it does not pickle: sending them cannot fail."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it then stops us
-    while (job := conn.recv()) is not None:
+    inbox, outbox = queue.SimpleQueue(), queue.SimpleQueue()
+
+    def read():  # until the pipe closes (or a job does not unpickle): then this worker ends
+        with contextlib.suppress(Exception):
+            while True:
+                inbox.put(conn.recv())
+        inbox.put(None)
+    threading.Thread(target=read, daemon=True).start()
+    threading.Thread(target=lambda: [conn.send_bytes(r) for r in iter(outbox.get, None)], daemon=True).start()
+    while (job := inbox.get()) is not None:
         try:
-            conn.send((True, fn(*job)))
+            result = pickle.dumps((True, fn(*job)))
         except Exception as e:
-            conn.send((False, e))
+            try:
+                result = pickle.dumps((False, e))
+            except Exception:
+                result = pickle.dumps((False, RuntimeError(f"{type(e).__name__}: {e}")))
+        outbox.put(result)
 
 
 def pool_map(fn, jobs, workers):
     """Yields fn(*job) for each job, in order, computed by `workers` processes that take
-    the jobs in turn, one at a time each: a long stream of jobs never piles up in memory.
+    the jobs in turn, two at a time each: a long stream of jobs never piles up in memory.
     workers=1: no processes. Not multiprocessing.Pool: on Ctrl-C its shutdown can hang
     for good, waiting on a thread stuck writing a large job into a pipe that no worker
-    reads any more. Here the parent sends each job itself, to a worker that waits for
-    it; the workers ignore SIGINT; and on any exception, Ctrl-C included, the parent
+    reads any more. Here the parent alone sends the jobs, always to a worker that reads
+    them; the workers ignore SIGINT; and on any exception, Ctrl-C included, the parent
     kills them and the exception goes on to the caller at once."""
     if workers == 1:
         yield from (fn(*job) for job in jobs)
         return
-    procs, turns, jobs = [], collections.deque(), iter(jobs)  # turns: the workers' pipes, in job order
+    procs, conns, turns, jobs = [], [], collections.deque(), iter(jobs)  # turns: the worker of each job in flight
     try:
         for _ in range(workers):
             mine, theirs = multiprocessing.Pipe()
             procs.append(multiprocessing.Process(target=_worker, args=(theirs, fn), daemon=True))
             procs[-1].start()
             theirs.close()
+            conns.append(mine)
+        for conn in conns * 2:  # two jobs each: one to work on, one waiting for it
             if (job := next(jobs, None)) is not None:
-                mine.send(job)
-                turns.append(mine)
+                conn.send(job)
+                turns.append(conn)
         while turns:
             conn = turns.popleft()
             try:
                 ok, result = conn.recv()
             except EOFError:
                 raise RuntimeError("a worker process died (out of memory?); see its error above") from None
-            if (job := next(jobs, None)) is not None:  # its next job first, so that it works while we yield
+            if (job := next(jobs, None)) is not None:
                 conn.send(job)
                 turns.append(conn)
             if not ok:

@@ -666,6 +666,21 @@ def test_bpe_pool_map_stops_at_ctrl_c(to_group):
     assert "Traceback" not in out, out  # the workers ignore SIGINT: the parent stops them
 
 
+def pool_job(x):
+    if x == "fail":
+        raise ValueError("this job fails")
+    return threading.Lock() if x == "lock" else 2 * x  # a lock does not pickle
+
+
+def test_bpe_pool_map_order_and_errors():
+    # results in order; a worker's error is raised to the caller, also when its result
+    # cannot be sent back (a worker that stopped on it would leave the caller waiting)
+    assert list(bpe.pool_map(pool_job, [(i,) for i in range(50)], 3)) == [2 * i for i in range(50)]
+    for bad, error in (("fail", "this job fails"), ("lock", "cannot pickle")):
+        with pytest.raises((ValueError, TypeError), match=error):
+            list(bpe.pool_map(pool_job, [(1,), (2,), (bad,), (4,)], 2))
+
+
 def test_bpe_bad_input(tmp_path):
     with pytest.raises(ValueError, match="at least 256 byte tokens"):
         bpe.train(["some text"], 256)
