@@ -515,9 +515,9 @@ class Tokenizer:
         a token, with that token's priority: tiktoken's rule, which needs no table of
         pairs and makes to_tiktoken() exact; for merges that BPE learned it gives
         encode_plain's result (the tests check both)."""
-        prio, n = self._prio, len(piece)
-        if piece in self.ranks:  # as tiktoken does
-            return [self.ranks[piece]]
+        ranks, prio, n = self.ranks, self._prio, len(piece)
+        if piece in ranks:  # as tiktoken does
+            return [ranks[piece]]
         nxt = list(range(1, n + 1))  # start of the part after the part starting at i
         prv = list(range(-1, n - 1))
         heap = []
@@ -546,7 +546,7 @@ class Tokenizer:
                 push(prv[i])
         out, i = [], 0
         while i < n:
-            out.append(self.ranks[piece[i:nxt[i]]])
+            out.append(ranks[piece[i:nxt[i]]])
             i = nxt[i]
         return out
 
