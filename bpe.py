@@ -382,6 +382,7 @@ def _merge_loop(counts, n_tokens):
     # trick 4: chr(id) per token; bytes 0..255 are chr(0..255), so latin-1 makes the words
     words = [w.encode("utf-8").decode("latin-1") for w in counts]
     freqs = list(counts.values())  # words[i] was seen freqs[i] times
+    counts.clear()  # train() needs it no more: its memory goes now, not after the loop
     vocab = [bytes([b]) for b in range(256)]  # id -> bytes
     ids = {t: i for i, t in enumerate(vocab)}  # bytes -> id
     keys = [_desc_key(t) for t in vocab]
