@@ -87,7 +87,7 @@ def bench_tokenizer(vocab_sizes=(8192, 32768)):
         print("|---:|---:|---:|---:|")
         trained = {}
         for size in vocab_sizes:
-            ours = lambda: trained.__setitem__(size, bpe.train([path], size))  # noqa: E731
+            ours = lambda: trained.__setitem__(size, bpe.train([], size, files=[path]))  # noqa: E731
             t_ours, t_hf = best_of(ours, lambda: hf_train(tokenizers, path, size), repeat=2) if tokenizers \
                 else (best_of(ours, repeat=2), None)
             hf = f"{t_hf:.2f} s" if t_hf else "n/a"
@@ -106,7 +106,8 @@ def bench_tokenizer(vocab_sizes=(8192, 32768)):
         print(f"\n(tiktoken's gpt2 is unavailable: {type(e).__name__}; its rows are skipped)")
         gpt2 = None
     if gpt2 is not None:
-        ours_gpt2 = bpe.Tokenizer(gpt2._mergeable_ranks, [], gpt2._special_tokens)
+        ranks = {gpt2.decode_single_token_bytes(i): i for i in range(gpt2.n_vocab) if i != gpt2.eot_token}
+        ours_gpt2 = bpe.Tokenizer(ranks, [], {bpe.EOT: gpt2.eot_token})  # no merges: the ranks order them
         rows += [("bpe.py pure Python, GPT-2's ranks", cold(ours_gpt2)),
                  ("bpe.py to_tiktoken(), GPT-2's ranks", ours_gpt2.to_tiktoken().encode_ordinary),
                  ("tiktoken gpt2 (reference)", gpt2.encode_ordinary)]
@@ -118,6 +119,45 @@ def bench_tokenizer(vocab_sizes=(8192, 32768)):
     ref = speeds[-1][1] if gpt2 is not None else None
     for name, speed in speeds:
         print(f"| {name} | {speed:.2f} | {f'{speed / ref:.2f}x' if ref else 'n/a'} |")
+    bench_streaming(ours, versions)
+
+
+def chinese_lines(n_bytes, seed=0):
+    """Chinese-like text: words of 1 to 4 random CJK characters, 3,000 of them with Zipf
+    frequencies, in clauses that end in punctuation, one sentence a line. No letter is
+    followed by a space, the place to cut that streaming once needed (issue 14)."""
+    import random
+    rng = random.Random(seed)
+    words = ["".join(chr(rng.randint(0x4E00, 0x9FA5)) for _ in range(rng.randint(1, 4))) for _ in range(3000)]
+    weights = [1 / (k + 1) for k in range(len(words))]
+    lines, n = [], 0
+    while n < n_bytes:
+        clauses = ("".join(rng.choices(words, weights, k=rng.randint(2, 8))) for _ in range(rng.randint(1, 3)))
+        lines.append("，".join(clauses) + rng.choice("。！？") + "\n")
+        n += len(lines[-1].encode("utf-8"))
+    return lines
+
+
+def bench_streaming(tok, versions):
+    """encode_iterable over the lines of 1 MB of Chinese text against encode() on all of it."""
+    import tracemalloc
+    lines = chinese_lines(1_000_000)
+    text = "".join(lines)
+    encode, stream = cold(tok, tok.encode), cold(tok, lambda lines: list(tok.encode_iterable(lines)))
+    assert stream(lines) == encode(text), "encode_iterable and encode differ"
+    t_encode, t_stream = best_of(lambda: encode(text), lambda: stream(lines))
+    peaks = []
+    for run in (lambda: encode(text), lambda: sum(1 for _ in cold(tok, tok.encode_iterable)(lines))):
+        tracemalloc.start()
+        run()  # the streamed ids are counted, not kept
+        peaks.append(tracemalloc.get_traced_memory()[1] / 1e6)
+        tracemalloc.stop()
+    header(f"Tokenizer streaming: {len(text.encode('utf-8')) / 1e6:.1f} MB of Chinese text, {len(lines)} lines, "
+           f"pure Python, ours ({tok.n_vocab} tokens)", versions)
+    print("| call | time | vs encode() | peak memory beyond the text (the word cache included) |")
+    print("|---|---:|---:|---:|")
+    print(f"| encode(text) | {t_encode:.2f} s | 1.00x | {peaks[0]:.1f} MB |")
+    print(f"| encode_iterable(lines) | {t_stream:.2f} s | {t_stream / t_encode:.2f}x | {peaks[1]:.1f} MB |")
 
 
 def hf_train(tokenizers, path, size):
@@ -132,11 +172,11 @@ def hf_train(tokenizers, path, size):
     return tok
 
 
-def cold(tok):
-    """tok.encode_ordinary with its cache emptied first, so each run is timed cold."""
+def cold(tok, fn=None):
+    """fn (by default tok.encode_ordinary) with tok's cache emptied first, so each run is timed cold."""
     def encode(text):
         tok._cache.clear()
-        return tok.encode_ordinary(text)
+        return (fn or tok.encode_ordinary)(text)
     return encode
 
 

@@ -4,14 +4,17 @@ bpe.py: a byte-level BPE tokenizer, trained from scratch.
 Byte-pair encoding (Sennrich et al. 2016, as used by GPT-2) in four steps:
   1. split text on special tokens such as <|endoftext|>: they are never merged;
   2. pre-tokenize each part with a regex into "words" (GPT2_PATTERN below);
-  3. start every word as its UTF-8 bytes, so any text can be encoded (ids 0..255);
-  4. training: repeatedly merge the most frequent adjacent pair into a new token.
-     encoding: repeatedly merge the adjacent pair whose merged bytes have the
-     lowest rank (id), exactly as tiktoken does, until no pair is in the vocab.
+  3. start every word as its UTF-8 bytes, ids 0..255, so any text can be encoded;
+  4. training: merge the most frequent adjacent pair into a new token, again and again;
+     encoding: apply the learned merges to each word, the earliest learned first.
 
-    tok = train(["some text", pathlib.Path("corpus.txt")], vocab_size=4096)
-    ids = tok.encode("hello world")           # pure Python, the readable reference
-    ids = tok.to_tiktoken().encode("hello")   # same ids, ~10x faster (Rust)
+Read the plain version first: train_plain and encode_plain, the whole algorithm in a
+page. Then train() and Tokenizer, the same results made fast, each speed trick marked
+as such. The tests check that the plain and the fast versions agree.
+
+    tok = train(["some text", "more text"], vocab_size=4096, files=["corpus.txt"])
+    ids = tok.encode("hello world")           # pure Python
+    ids = tok.to_tiktoken().encode("hello")   # the same ids, ~3x faster (Rust)
     tok.save("data/x/tokenizer.bpe"); tok = Tokenizer.load("data/x/tokenizer.bpe")
 
 Command line: python bpe.py --input a.txt b.txt --vocab_size=4096 --out tok.bpe
@@ -26,8 +29,11 @@ import heapq
 import json
 import multiprocessing
 import os
+import pickle
+import queue
 import re
-import tempfile
+import signal
+import threading
 import time
 
 import regex  # the stdlib `re` has no \p{L} (any letter) classes
@@ -40,21 +46,123 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 # the text between them. As one regex: digits alone, and a run of spaces before a digit
 # kept whole, as it would be at the end of the text before it.
 GPT2_DIGITS_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+"""
+EOT = "<|endoftext|>"
+
+
+def _special_regex(specials, reverse=False):
+    # longest first: regex alternation takes the first option that matches, so
+    # among overlapping special tokens starting (or, reversed, ending) at one place the longest wins
+    specials = sorted(specials, key=len, reverse=True)
+    return regex.compile("(?r)" * reverse + "|".join(regex.escape(s) for s in specials)) if specials else None
+
+
+def _utf8_safe(text):
+    # a Python str may hold lone surrogates, which UTF-8 cannot encode: they become
+    # U+FFFD first, as tiktoken does
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+# -----------------------------------------------------------------------------
+# The algorithm, plainly: read this first. A token is an id; ids 0..255 are the bytes.
+
+
+def get_stats(ids, counts=None):
+    """How often each adjacent pair occurs (added to `counts` if given).
+    get_stats([1, 2, 3, 1, 2]) -> {(1, 2): 2, (2, 3): 1, (3, 1): 1}"""
+    counts = {} if counts is None else counts
+    for pair in zip(ids, ids[1:]):
+        counts[pair] = counts.get(pair, 0) + 1
+    return counts
+
+
+def merge(ids, pair, idx):
+    """Replaces each occurrence of `pair`, left to right, with the new token `idx`.
+    merge([1, 2, 3, 1, 2], (1, 2), 4) -> [4, 3, 4]     merge([1, 1, 1], (1, 1), 4) -> [4, 1]"""
+    out, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
+            out.append(idx)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def pretokenize(text, special_tokens=(), pattern=GPT2_PATTERN):
+    """Steps 1 and 2: the words of text, which special tokens cut (and are dropped from).
+    pretokenize("Hi you!<|endoftext|>ok", [EOT]) -> ["Hi", " you", "!", "ok"]"""
+    parts = _special_regex(special_tokens).split(_utf8_safe(text)) if special_tokens else [_utf8_safe(text)]
+    return [word for part in parts for word in regex.findall(pattern, part)]
+
+
+def train_plain(texts, vocab_size, special_tokens=(EOT,), pattern=GPT2_PATTERN):
+    """Step 4 as the textbook says: count the adjacent pairs of all words, merge the most
+    frequent into a new token, repeat. On a tie the pair of greater byte strings wins, so
+    training is deterministic. It recounts everything for every merge, which is slow:
+    train() below returns the same tokenizer fast.
+    train_plain(["aaabdaaabac"], 256 + 3, ()).merges -> [(b"a", b"a"), (b"aa", b"a"), (b"aaa", b"b")]"""
+    words = [list(w.encode("utf-8")) for text in texts for w in pretokenize(text, special_tokens, pattern)]
+    vocab, merges = [bytes([b]) for b in range(256)], []  # vocab: id -> bytes
+    while len(vocab) + len(special_tokens) < vocab_size:
+        stats = {}
+        for w in words:
+            get_stats(w, stats)
+        if not stats:
+            break  # every word is a single token
+        pair = max(stats, key=lambda p: (stats[p], vocab[p[0]], vocab[p[1]]))
+        new = vocab[pair[0]] + vocab[pair[1]]
+        if new not in vocab:  # ("ab", "c") and ("a", "bc") both make "abc": one token, its first id
+            merges.append((vocab[pair[0]], vocab[pair[1]]))
+            vocab.append(new)
+        words = [merge(w, pair, vocab.index(new)) for w in words]
+    specials = {s: len(vocab) + k for k, s in enumerate(special_tokens)}
+    return Tokenizer({t: i for i, t in enumerate(vocab)}, merges, specials, pattern)
+
+
+def encode_plain(text, merges, pattern=GPT2_PATTERN):
+    """Encodes text (special tokens as plain text): in each word, merge the adjacent pair
+    that was learned first, until no pair has a merge. `merges`: pair -> new id, in the
+    order learned; a Tokenizer's are {(tok.ranks[a], tok.ranks[b]): tok.ranks[a + b] for
+    a, b in tok.merges}. Tokenizer.encode gives the same ids fast.
+    encode_plain("aaab", {(97, 97): 256, (97, 98): 257}) -> [256, 257]
+    (97 97 97 98 -> (97, 97) was learned first: 256 97 98 -> then (97, 98): 256 257)"""
+    rank = {pair: k for k, pair in enumerate(merges)}
+    out = []
+    for word in pretokenize(text, (), pattern):
+        ids = list(word.encode("utf-8"))
+        while len(ids) >= 2:
+            pair = min(get_stats(ids), key=lambda p: rank.get(p, len(rank)))
+            if pair not in merges:
+                break
+            ids = merge(ids, pair, merges[pair])
+        out += ids
+    return out
+
+# -----------------------------------------------------------------------------
+# Training, made fast. train_plain recounts every pair of every word for each merge;
+# train() returns the same tokenizer with four speed tricks:
+#   1. each distinct word is counted once, with its frequency, by processes that each
+#      take a chunk of the text (count_words);
+#   2. a merge changes only the pairs around its occurrences, so only those counts are
+#      updated, in only the words that hold the pair (`where`), instead of recounting;
+#   3. the most frequent pair comes from a heap, not from max() over all pairs;
+#   4. a word is a str with one character per token, so finding and replacing a pair
+#      are C string operations (str.find, str.replace).
+
+CHUNK_CHARS = 1 << 20  # text sent to a counting worker at a time
 # Speed trick: on ASCII text the same pattern with ASCII classes matches the same
 # words, and the stdlib `re` runs it about twice as fast as `regex` (test_all checks).
 GPT2_PATTERN_ASCII = re.compile(r"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+""", re.ASCII)
-EOT = "<|endoftext|>"
-CHUNK_CHARS = 1 << 20  # text sent to a counting worker at a time
-
-# -----------------------------------------------------------------------------
-# Training, part 1: count pre-tokens ("words"), in parallel over chunks of text
-
-
-def _special_regex(specials):
-    # longest first: regex alternation takes the first option that matches, so
-    # among overlapping special tokens starting at one place the longest wins
-    specials = sorted(specials, key=len, reverse=True)
-    return regex.compile("|".join(regex.escape(s) for s in specials)) if specials else None
+# Where GPT-2's patterns let text be cut without changing its words, whatever follows:
+# where a run of letters, of digits or of other symbols ends and another kind of
+# character comes. The word before ends there, and the next word starts there (the
+# patterns never look back). Not after an apostrophe ('s is one word) or a space (" x"
+# is), and not beside a surrogate (two can make one character). (?r): from the right.
+_SAFE_CUT = regex.compile(r"(?r)\p{L}(?=[^\p{L}\p{Cs}])|\p{N}(?=[^\p{N}\p{Cs}])|[^\s\p{L}\p{N}\p{Cs}'](?=[\s\p{L}\p{N}])")
 
 
 def _read_file(path):
@@ -68,7 +176,7 @@ def _read_file(path):
                 yield utf8.decode(data, final=not data)
             except UnicodeDecodeError as e:
                 raise ValueError(f"{path}: not valid UTF-8 near byte {done + e.start} ({e.reason}). Convert it "
-                                 "to UTF-8, or read it with errors='replace' and pass the text as a string") from None
+                                 "to UTF-8, or read it with errors='replace' and pass the text in texts=") from None
             if not data:
                 return
             done += len(data)
@@ -79,41 +187,60 @@ def _spans(buf, cut, specials):
     return any(s.startswith(buf[a:a + len(s)]) for s in specials for a in range(max(0, cut - len(s) + 1), cut))
 
 
-def _cut(buf, specials, boundaries, pattern):
-    """The last place where buf can be cut without changing the words on either side,
-    whatever text follows; 0 if there is none. That is after the last special token
-    of `boundaries` (those that split the text), or, with GPT-2's patterns, between a
-    letter or digit and a whitespace character (no GPT-2 word spans that); and never
-    where one of `specials` crosses. Other patterns are cut at special tokens only."""
-    ends = [m.end() for m in _special_regex(boundaries).finditer(buf)] if boundaries else []
-    # (?r): search from the right
-    if pattern in (GPT2_PATTERN, GPT2_DIGITS_PATTERN) and (m := regex.search(r"(?r)[\p{L}\p{N}](?=\s)", buf)):
-        ends.append(m.end())
-    return next((cut for cut in sorted(ends, reverse=True) if not _spans(buf, cut, specials)), 0)
+def _cut(buf, start, specials, boundaries, pattern):
+    """The last place after `start` where buf can be cut without changing the words on
+    either side, whatever text follows; 0 if there is none. That is after a special token
+    of `boundaries` (those that split the text), or with GPT-2's patterns at a _SAFE_CUT;
+    and never where one of `specials` crosses. Other patterns are cut at special tokens only."""
+    cut = 0
+    for m in _special_regex(boundaries, reverse=True).finditer(buf, start) if boundaries else ():
+        if not _spans(buf, m.start(), specials) and not _spans(buf, m.end(), specials):
+            cut = m.end()  # no special token crosses either end: this one is matched, whatever came before
+            break
+    if pattern in (GPT2_PATTERN, GPT2_DIGITS_PATTERN):
+        for m in _SAFE_CUT.finditer(buf, max(start, cut)):
+            if not _spans(buf, m.end(), specials):
+                return m.end()
+    return cut
 
 
-def _chunks(texts, specials, pattern):
-    """Cuts the input into chunks of about CHUNK_CHARS or more, at places that do not
-    depend on the number of workers: the end of each string or file, and _cut()."""
-    for item in texts:
-        if isinstance(item, os.PathLike):
-            blocks = _read_file(item)
-        elif isinstance(item, str):
-            blocks = (item[i:i + CHUNK_CHARS] for i in range(0, len(item), CHUNK_CHARS))
-        else:
-            raise TypeError(f"train() takes strings (text) and os.PathLike objects (files), not {type(item).__name__}")
-        buf = ""
-        for block in blocks:
-            buf += block
-            while len(buf) >= CHUNK_CHARS and (cut := _cut(buf, specials, specials, pattern)):
+def _pieces(blocks, specials, boundaries, pattern, size):
+    """The text of `blocks` joined, and cut again into pieces of `size` characters or
+    more (but the last) at places where _cut allows, so each piece can be worked on alone.
+    Each search starts where the last one ended, less a margin near the end where a cut
+    may become possible as text comes: the scan is linear, and memory holds one piece."""
+    margin = 2 * max(map(len, specials), default=0) + 2
+    buf, scanned = "", 0
+    for block in blocks:
+        buf += block
+        if len(buf) >= size:
+            cut = _cut(buf, max(0, scanned - margin), specials, boundaries, pattern)
+            scanned = len(buf) - cut
+            if cut:
                 yield buf[:cut]
                 buf = buf[cut:]
-        if buf:
-            yield buf
+    if buf:
+        yield buf
+
+
+def _chunks(texts, files, specials, pattern):
+    """Cuts the input into chunks of about CHUNK_CHARS or more, at places that do not
+    depend on the number of workers: the end of each string or file, and _cut()."""
+    for text in texts:
+        if not isinstance(text, str):
+            raise TypeError(f"train(): texts holds a {type(text).__name__} ({str(text)[:80]!r}): texts takes "
+                            "strings of text, and paths go in files=[...]")
+        if len(text) < 256 and "\n" not in text and os.path.isfile(text):
+            raise ValueError(f"train(): the text {text!r} names a file: to train on the file, pass files=[{text!r}]; "
+                             f"to train on the string itself, end it with a newline ({text!r} + '\\n')")
+        yield from _pieces((text[i:i + CHUNK_CHARS] for i in range(0, len(text), CHUNK_CHARS)),
+                           specials, specials, pattern, CHUNK_CHARS)
+    for path in files:
+        yield from _pieces(_read_file(path), specials, specials, pattern, CHUNK_CHARS)
 
 
 def _count_words(chunks, specials, pattern):
-    """Counts the pre-tokens of some chunks: special tokens cut the text and are dropped."""
+    """Counts the words of some chunks: pretokenize(), with the ASCII speed trick."""
     special_re = _special_regex(specials)
     counts = collections.Counter()
     for chunk in chunks:
@@ -138,26 +265,74 @@ def batched(texts):
         yield batch
 
 
+def _worker(conn, fn):
+    """Runs the parent's jobs in order. A thread reads the next job and another sends the
+    last result while this one works, so the work never waits on the pipe. Results go
+    pickled, an error as text if it does not pickle: sending them cannot fail."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it then stops us
+    inbox, outbox = queue.SimpleQueue(), queue.SimpleQueue()
+
+    def read():  # until the pipe closes (or a job does not unpickle): then this worker ends
+        with contextlib.suppress(Exception):
+            while True:
+                inbox.put(conn.recv())
+        inbox.put(None)
+    threading.Thread(target=read, daemon=True).start()
+    threading.Thread(target=lambda: [conn.send_bytes(r) for r in iter(outbox.get, None)], daemon=True).start()
+    while (job := inbox.get()) is not None:
+        try:
+            result = pickle.dumps((True, fn(*job)))
+        except Exception as e:
+            try:
+                result = pickle.dumps((False, e))
+            except Exception:
+                result = pickle.dumps((False, RuntimeError(f"{type(e).__name__}: {e}")))
+        outbox.put(result)
+
+
 def pool_map(fn, jobs, workers):
-    """Yields fn(*job) for each job, in order, computed by `workers` processes with at
-    most two jobs per worker in flight, so a long stream of jobs never piles up in
-    memory (Pool.imap reads its input ahead without limit). workers=1: no processes."""
+    """Yields fn(*job) for each job, in order, computed by `workers` processes that take
+    the jobs in turn, two at a time each: a long stream of jobs never piles up in memory.
+    workers=1: no processes. Not multiprocessing.Pool: on Ctrl-C its shutdown can hang
+    for good, waiting on a thread stuck writing a large job into a pipe that no worker
+    reads any more. Here the parent alone sends the jobs, always to a worker that reads
+    them; the workers ignore SIGINT; and on any exception, Ctrl-C included, the parent
+    kills them and the exception goes on to the caller at once."""
     if workers == 1:
         yield from (fn(*job) for job in jobs)
         return
-    with multiprocessing.Pool(workers) as pool:
-        pending = collections.deque()
-        for job in jobs:
-            pending.append(pool.apply_async(fn, job))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+    procs, conns, turns, jobs = [], [], collections.deque(), iter(jobs)  # turns: the worker of each job in flight
+    try:
+        for _ in range(workers):
+            mine, theirs = multiprocessing.Pipe()
+            procs.append(multiprocessing.Process(target=_worker, args=(theirs, fn), daemon=True))
+            procs[-1].start()
+            theirs.close()
+            conns.append(mine)
+        for conn in conns * 2:  # two jobs each: one to work on, one waiting for it
+            if (job := next(jobs, None)) is not None:
+                conn.send(job)
+                turns.append(conn)
+        while turns:
+            conn = turns.popleft()
+            try:
+                ok, result = conn.recv()
+            except EOFError:
+                raise RuntimeError("a worker process died (out of memory?); see its error above") from None
+            if (job := next(jobs, None)) is not None:
+                conn.send(job)
+                turns.append(conn)
+            if not ok:
+                raise result
+            yield result
+    finally:
+        for p in procs:
+            p.kill()
+            p.join()
 
 
-def count_words(texts, specials, pattern, workers):
-    """Pre-token counts over the whole input. Memory holds the counts and the chunks in flight."""
-    chunks = _chunks(texts, specials, pattern)
+def count_words(chunks, specials, pattern, workers):
+    """Word counts over all chunks. Memory holds the counts and the chunks in flight."""
     counts, t0, last_print = collections.Counter(), time.time(), time.time()
     for n, chunk_counts in enumerate(pool_map(_count_words, ((b, specials, pattern) for b in batched(chunks)), workers)):
         counts.update(chunk_counts)
@@ -166,8 +341,32 @@ def count_words(texts, specials, pattern, workers):
             last_print = time.time()
     return counts
 
-# -----------------------------------------------------------------------------
-# Training, part 2: the merge loop
+
+def train(texts, vocab_size, special_tokens=(EOT,), pattern=GPT2_PATTERN, workers=None, files=()):
+    """Trains a byte-level BPE on `texts`, strings of text, and `files`, paths of UTF-8
+    text files (read in blocks, never whole). Each string or file ends a document: no word
+    spans two. Returns the same tokenizer as train_plain (the tests check), fast.
+
+    Ids: 256 bytes, then one token per merge, then the special tokens; vocab_size counts
+    all three. A file that is not valid UTF-8 is rejected with an error naming it."""
+    if isinstance(texts, str) or isinstance(files, (str, os.PathLike)):
+        raise TypeError("train() takes lists: texts=[text, ...] and files=[path, ...]")
+    special_tokens = list(special_tokens)
+    _check_specials(special_tokens)
+    n_tokens = vocab_size - len(special_tokens)
+    if n_tokens < 256:
+        raise ValueError(f"vocab_size={vocab_size} is too small: it needs at least 256 byte tokens "
+                         f"+ {len(special_tokens)} special tokens = {256 + len(special_tokens)}")
+    chunks = _chunks(texts, files, special_tokens, pattern)
+    counts = count_words(chunks, special_tokens, pattern, workers or os.cpu_count() or 1)
+    if not counts:
+        raise ValueError("the corpus is empty: no text to train on, outside special tokens")
+    vocab, merges = _merge_loop(counts, n_tokens)
+    if len(vocab) < n_tokens:
+        print(f"bpe: the corpus ran out of pairs after {len(merges)} merges; "
+              f"the vocab has {len(vocab) + len(special_tokens)} tokens, not {vocab_size}")
+    specials = {s: len(vocab) + k for k, s in enumerate(special_tokens)}
+    return Tokenizer({t: i for i, t in enumerate(vocab)}, merges, specials, pattern)
 
 
 def _desc_key(token: bytes):
@@ -178,50 +377,27 @@ def _desc_key(token: bytes):
     return "".join(chr(256 - x) for x in token) + chr(257)
 
 
-def train(texts, vocab_size, special_tokens=(EOT,), pattern=GPT2_PATTERN, workers=None):
-    """Trains a byte-level BPE on `texts`, an iterable of strings (text) and
-    os.PathLike objects such as pathlib.Path (UTF-8 files, read in blocks). Each
-    string or file ends a document: no word spans two.
-
-    Ids: 256 bytes, then one token per merge, then the special tokens; vocab_size
-    counts all three. The most frequent pair is merged first; ties go to the
-    lexicographically greatest pair of byte strings, i.e. max over
-    (count, (left_bytes, right_bytes)), so training is deterministic.
-    A file that is not valid UTF-8 is rejected with an error naming it.
-    """
-    special_tokens = list(special_tokens)
-    _check_specials(special_tokens)
-    n_tokens = vocab_size - len(special_tokens)
-    if n_tokens < 256:
-        raise ValueError(f"vocab_size={vocab_size} is too small: it needs at least 256 byte tokens "
-                         f"+ {len(special_tokens)} special tokens = {256 + len(special_tokens)}")
-    counts = count_words(texts, special_tokens, pattern, workers or os.cpu_count() or 1)
-    if not counts:
-        raise ValueError("the corpus is empty: no text to train on, outside special tokens")
-
-    # Speed trick: a word is a str with one character per token, chr(id), so finding
-    # and merging a pair are C string operations (`pair in w`, w.replace). Pairs are
-    # 2-character strings. Bytes 0..255 are chr(0..255), so latin-1 makes the words.
+def _merge_loop(counts, n_tokens):
+    """train_plain's loop over word counts {word: count}, with speed tricks 2 to 4."""
+    # trick 4: chr(id) per token; bytes 0..255 are chr(0..255), so latin-1 makes the words
     words = [w.encode("utf-8").decode("latin-1") for w in counts]
     freqs = list(counts.values())  # words[i] was seen freqs[i] times
-    del counts
+    counts.clear()  # train() needs it no more: its memory goes now, not after the loop
     vocab = [bytes([b]) for b in range(256)]  # id -> bytes
     ids = {t: i for i, t in enumerate(vocab)}  # bytes -> id
     keys = [_desc_key(t) for t in vocab]
-    pair_counts = collections.defaultdict(int)  # pair -> occurrences in the corpus
-    where = collections.defaultdict(set)  # pair -> indices of the words that (may) hold it
+    pair_counts = collections.defaultdict(int)  # pair (a 2-character str) -> occurrences
+    where = collections.defaultdict(set)  # trick 2: pair -> indices of the words that (may) hold it
     for i, (w, f) in enumerate(zip(words, freqs)):
         for k in range(len(w) - 1):
             pair_counts[w[k:k + 2]] += f
             where[w[k:k + 2]].add(i)
-    # A max-heap of pairs as (-count, tie-break key, pair). Entries go stale as counts
-    # change: a pair is pushed again when its count grows, and when an entry is popped
-    # with a count that has fallen since (never pushing on a fall halves the heap).
+    # trick 3: a max-heap of pairs as (-count, tie-break key, pair). Entries go stale as
+    # counts change: a pair is pushed again when its count grows, and when an entry is
+    # popped with a count that has fallen since (never pushing on a fall halves the heap).
     heap = [(-c, keys[ord(p[0])] + keys[ord(p[1])], p) for p, c in pair_counts.items()]
     heapq.heapify(heap)
-
     merges, t0, last_print = [], time.time(), time.time()
-    n_merges = n_tokens - 256
     while len(vocab) < n_tokens and heap:
         neg, key, pair = heapq.heappop(heap)
         count = pair_counts.get(pair, 0)
@@ -229,12 +405,8 @@ def train(texts, vocab_size, special_tokens=(EOT,), pattern=GPT2_PATTERN, worker
             if 0 < count < -neg:
                 heapq.heappush(heap, (-count, key, pair))
             continue
-        # Guard: if the merged bytes were already a token, made by another pair (("ab",
-        # "c") and ("a", "bc") both give "abc"), reuse it, as encoding by rank would.
-        # A search of 200k small random corpora never hit this, but a duplicate would
-        # break the bytes -> id map.
         a, b = vocab[ord(pair[0])], vocab[ord(pair[1])]
-        new = ids.get(a + b)
+        new = ids.get(a + b)  # as in train_plain, bytes made before keep their id
         if new is None:
             new = ids[a + b] = len(vocab)
             vocab.append(a + b)
@@ -246,10 +418,8 @@ def train(texts, vocab_size, special_tokens=(EOT,), pattern=GPT2_PATTERN, worker
         for i in where.pop(pair):
             w, f = words[i], freqs[i]
             k, end = w.find(pair), -1  # end: where the previous occurrence ended
-            if k < 0:
-                continue  # an out-of-date entry in `where`
             while k >= 0:
-                nxt = w.find(pair, k + 2)  # non-overlapping, left to right, as str.replace
+                nxt = w.find(pair, k + 2)  # non-overlapping, left to right, as merge() and str.replace
                 if k > 0:  # the pair on the left, x a, becomes x N (or N N after a merge)
                     delta[w[k - 1:k + 1]] -= f
                     left = (N if end == k else w[k - 1]) + N
@@ -271,23 +441,9 @@ def train(texts, vocab_size, special_tokens=(EOT,), pattern=GPT2_PATTERN, worker
             elif d > 0:
                 heapq.heappush(heap, (-c, keys[ord(p[0])] + keys[ord(p[1])], p))
         if time.time() - last_print > 5:
-            print(f"bpe: merge {len(merges)}/{n_merges}, {time.time() - t0:.0f}s", flush=True)
+            print(f"bpe: merge {len(merges)}/{n_tokens - 256}, {time.time() - t0:.0f}s", flush=True)
             last_print = time.time()
-    if len(vocab) < n_tokens:
-        print(f"bpe: the corpus ran out of pairs after {len(merges)} merges; "
-              f"the vocab has {len(vocab) + len(special_tokens)} tokens, not {vocab_size}")
-    specials = {s: len(vocab) + k for k, s in enumerate(special_tokens)}
-    return Tokenizer(ids, merges, specials, pattern)
-
-
-def _utf8_safe(text):
-    # a Python str may hold lone surrogates, which UTF-8 cannot encode: they become
-    # U+FFFD first, as tiktoken does
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return vocab, merges
 
 
 def _check_specials(specials):
@@ -299,12 +455,16 @@ def _check_specials(specials):
         raise ValueError(f"special token {dup[0]!r} is listed twice")
 
 # -----------------------------------------------------------------------------
-# The tokenizer: encode, decode, save, load
+# The tokenizer: encode (encode_plain, made fast), decode, save, load
+
+STREAM_CHARS = 1 << 14  # encode_iterable encodes text in pieces of about this many characters
 
 
 class Tokenizer:
     """ranks: bytes -> id for the mergeable tokens (the 256 bytes and the merges);
-    merges: (left, right) byte strings in training order; special_tokens: text -> id."""
+    merges: (left, right) byte strings in the order learned, which is the order they
+    apply in; special_tokens: text -> id. Without merges (tiktoken's own files have
+    none), the ranks give that order."""
 
     def __init__(self, ranks, merges, special_tokens, pattern=GPT2_PATTERN):
         self.ranks, self.merges, self.pattern = dict(ranks), list(merges), pattern
@@ -326,10 +486,18 @@ class Tokenizer:
         missing = [b for b in range(256) if bytes([b]) not in self.ranks]
         if missing:
             raise ValueError(f"byte {missing[0]} has no token: a byte-level BPE needs all 256")
-        for left, right in self.merges:
-            if left + right not in self.ranks:
-                raise ValueError(f"merge {left!r} + {right!r} makes no token in the vocab")
-        self._cache = {}  # pre-token -> ids, the pure-Python encoder's speed trick
+        # the priority of a token: the place of the merge that makes it (the first, if two do)
+        self._prio = {}
+        for k, (left, right) in enumerate(self.merges):
+            if not (left in self.ranks and right in self.ranks and left + right in self.ranks):
+                raise ValueError(f"merge {left!r} + {right!r}: the vocab lacks one of its three tokens")
+            self._prio.setdefault(left + right, k)
+        if not self.merges:
+            self._prio = {t: i for t, i in self.ranks.items() if len(t) > 1}
+        unmade = [t for t in self.ranks if len(t) > 1 and t not in self._prio]
+        if unmade:
+            raise ValueError(f"token {unmade[0]!r} (id {self.ranks[unmade[0]]}) is made by no merge")
+        self._cache, self._cached = {}, 0  # word -> ids, the pure-Python encoder's speed trick; ids held
 
     @property
     def n_vocab(self):
@@ -342,12 +510,14 @@ class Tokenizer:
     # --- encoding ---
 
     def _bpe(self, piece: bytes):
-        """tiktoken's rule: join the adjacent pair whose bytes have the lowest rank (the
-        leftmost on ties) until no joined pair is a token. parts is a linked list of
-        start offsets and a heap holds the candidate joins, so a long piece (a run of
-        10^5 spaces) costs O(n log n), not O(n^2)."""
-        ranks, n = self.ranks, len(piece)
-        if piece in ranks:
+        """encode_plain's loop for one word, made fast: the candidate joins wait in a heap
+        and the parts form a linked list (start offsets), so a long word (a run of 10^5
+        spaces) costs O(n log n), not O(n^2). A candidate is a pair whose joined bytes are
+        a token, with that token's priority: tiktoken's rule, which needs no table of
+        pairs and makes to_tiktoken() exact; for merges that BPE learned it gives
+        encode_plain's result (the tests check both)."""
+        ranks, prio, n = self.ranks, self._prio, len(piece)
+        if piece in ranks:  # as tiktoken does
             return [ranks[piece]]
         nxt = list(range(1, n + 1))  # start of the part after the part starting at i
         prv = list(range(-1, n - 1))
@@ -356,15 +526,15 @@ class Tokenizer:
         def push(i):  # the candidate join of the part at i with the next one
             if nxt[i] < n:
                 end = nxt[nxt[i]]
-                r = ranks.get(piece[i:end])
-                if r is not None:
-                    heapq.heappush(heap, (r, i, end))
+                p = prio.get(piece[i:end])
+                if p is not None:
+                    heapq.heappush(heap, (p, i, end))
 
         for i in range(n - 1):
             push(i)
         alive = [True] * n
         while heap:
-            r, i, end = heapq.heappop(heap)
+            p, i, end = heapq.heappop(heap)
             if not alive[i] or nxt[i] >= n or nxt[nxt[i]] != end:
                 continue  # stale: a part it joined has changed since
             j = nxt[i]  # join part j into part i
@@ -387,9 +557,11 @@ class Tokenizer:
         for piece in self._pat.findall(_utf8_safe(text)):
             ids = cache.get(piece)
             if ids is None:
-                if len(cache) >= 1 << 14:
-                    cache.clear()  # bounded memory (~3 MB); hit rates barely change
+                if self._cached > 1 << 15:  # bounded memory: ~32K ids in all, ~2 MB; hit rates barely change
+                    cache.clear()
+                    self._cached = 0
                 ids = cache[piece] = self._bpe(piece.encode("utf-8"))
+                self._cached += len(ids)
             out.extend(ids)
         return out
 
@@ -415,18 +587,13 @@ class Tokenizer:
         return out + self.encode_ordinary(text[start:])
 
     def encode_iterable(self, texts, allowed_special=(), disallowed_special="all"):
-        """Yields the ids of the concatenation of `texts` (e.g. a file's lines). Text is
-        encoded up to the last place where what follows cannot change its ids (see
-        _cut: an allowed special token, or a letter before a space), and the rest waits
-        for the next string: memory is bounded by the text between such places."""
+        """Yields the ids of the concatenation of `texts` (a file's lines, say), as encode()
+        would give them. Text is encoded in pieces of about STREAM_CHARS, each cut where
+        what follows cannot change its ids (see _cut: after an allowed special token, or
+        where one kind of character ends and another starts), so memory is bounded."""
         allowed, disallowed = self._special_sets(allowed_special, disallowed_special)
-        buf = ""
-        for text in texts:
-            buf += text
-            if cut := _cut(buf, allowed | disallowed, allowed, self.pattern):
-                yield from self.encode(buf[:cut], allowed, disallowed)
-                buf = buf[cut:]
-        yield from self.encode(buf, allowed, disallowed)
+        for piece in _pieces(texts, allowed | disallowed, allowed, self.pattern, STREAM_CHARS):
+            yield from self.encode(piece, allowed, disallowed)
 
     # --- decoding ---
 
@@ -458,23 +625,11 @@ class Tokenizer:
     @classmethod
     def load(cls, path):
         """Loads `path` (tiktoken's ranks format) and `path`.json, as save() wrote them."""
-        path = str(path)
-        try:
-            with open(path, encoding="ascii") as f:
-                ranks_text = f.read()
-            with open(path + ".json", encoding="utf-8") as f:
-                side_text = f.read()
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"{e.filename}: no such tokenizer file; train one with "
-                                    "`python bpe.py --input FILE --out PATH` or run prepare.py") from None
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: corrupt tokenizer file (not text: {e.reason}); "
-                             "train it again with bpe.py or prepare.py") from None
-        return cls.loads(ranks_text, side_text, path)
+        return cls.loads(_read_text(path), _read_text(f"{path}.json"), str(path))
 
     @classmethod
     def loads(cls, ranks_text, side_text, where="tokenizer"):
-        """The tokenizer from the texts of its two files; `where` names them in errors."""
+        """The tokenizer from the texts of its two files; errors name them as `where` and `where`.json."""
         ranks, at = {}, where
         try:
             for n, line in enumerate(ranks_text.splitlines(), 1):
@@ -486,41 +641,38 @@ class Tokenizer:
                 raise ValueError(f"the ids are not 0..{len(ranks) - 1}: the file is cut short or damaged")
             at = where + ".json"
             side = json.loads(side_text)
-            at = where
-            if len(side["merges"]) != len(ranks) - 256:
-                raise ValueError(f"{len(ranks)} tokens, but {len(side['merges'])} merges in {where}.json: "
-                                 "one of the two files is cut short")
-            at = where + ".json"
+            pattern, specials, merges = side["pattern"], side["special_tokens"], side["merges"]
+            if merges and len(merges) != len(ranks) - 256:
+                at = f"{where} and {where}.json"
+                raise ValueError(f"{len(ranks)} tokens but {len(merges)} merges: one of the two files is cut short")
             vocab = {i: t for t, i in ranks.items()}
-            merges = [(vocab[a], vocab[b]) for a, b in side["merges"]]
-            at = f"{where} + {where}.json"
-            return cls(ranks, merges, side["special_tokens"], side["pattern"])
-        except (ValueError, KeyError, TypeError, IndexError, RecursionError) as e:
+            return cls(ranks, [(vocab[a], vocab[b]) for a, b in merges], specials, pattern)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as e:
             raise ValueError(f"{at}: corrupt tokenizer file ({type(e).__name__}: {e}); "
                              "train it again with bpe.py or prepare.py") from None
 
     @classmethod
-    def from_gpt2_files(cls, vocab_bpe, encoder_json):
-        """Loads GPT-2's original vocab.bpe (the merges) + encoder.json (token -> id); Hugging
-        Face's merges.txt + vocab.json are the same files."""
+    def from_gpt2_files(cls, vocab_bpe, encoder_json, special_tokens=(), texts=None):
+        """Loads GPT-2's original vocab.bpe (the merges, maybe after a #version line) and
+        encoder.json (token -> id); Hugging Face's merges.txt + vocab.json are the same
+        files. `special_tokens` names vocab entries that are special besides the <|...|>
+        ones; `texts`, if given, are the two files' contents."""
         try:
-            with open(vocab_bpe, encoding="utf-8") as f:
-                merges = [tuple(line.split(" ")) for line in f.read().split("\n")[1:] if line]  # [0]: "#version"
-            with open(encoder_json, encoding="utf-8") as f:
-                return cls._from_printable(json.load(f), merges, GPT2_PATTERN)
-        except (ValueError, KeyError, TypeError) as e:
+            merges_text, vocab_text = texts or (_read_text(vocab_bpe), _read_text(encoder_json))
+            lines = merges_text.splitlines()  # the files' characters hold no line breaks but \n (and \r\n)
+            lines = lines[1:] if lines and lines[0].startswith("#version") else lines
+            merges = [tuple(line.split(" ")) for line in lines if line]
+            return cls._from_printable(json.loads(vocab_text), merges, GPT2_PATTERN, special_tokens)
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise ValueError(f"{vocab_bpe} + {encoder_json}: not GPT-2 tokenizer files ({type(e).__name__}: {e})") from None
 
     @classmethod
-    def from_hf_json(cls, path, text=None):
+    def from_hf_json(cls, path, text=None, special_tokens=()):
         """Loads a Hugging Face tokenizer.json of a byte-level BPE (GPT-2's split, maybe after
         splitting off single digits, as SmolLM2's); `text`, if given, is the file's content.
-        Encoding then follows tiktoken's rule (lowest rank first), as for every Tokenizer."""
+        Its added tokens are special, and so are those named in `special_tokens`."""
         try:
-            if text is None:
-                with open(path, encoding="utf-8") as f:
-                    text = f.read()
-            hf = json.loads(text)
+            hf = json.loads(_read_text(path) if text is None else text)
             model, pre = hf["model"], hf.get("pre_tokenizer") or {}
             steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
             split = tuple((s.get("type"), s.get("individual_digits"), s.get("add_prefix_space"), s.get("use_regex", True))
@@ -532,35 +684,47 @@ class Tokenizer:
                 raise ValueError("only byte-level BPEs with GPT-2's split (and maybe single digits first) load")
             merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
             added = {t["content"]: t["id"] for t in hf.get("added_tokens", [])}
-            return cls._from_printable(model["vocab"] | added, merges, pattern, set(added))
+            return cls._from_printable(model["vocab"] | added, merges, pattern, [*added, *special_tokens])
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise ValueError(f"{path}: not a tokenizer.json that bpe.py can load ({type(e).__name__}: {e})") from None
 
     @classmethod
-    def _from_printable(cls, vocab, merges, pattern, specials=None):
+    def _from_printable(cls, vocab, merges, pattern, specials):
         """GPT-2's files write each byte as a printable character: bytes that print stand
         for themselves, the others for chr(256), chr(257), ... in byte order. vocab: token
-        string -> id; merges: pairs of token strings; specials: the vocab's special tokens
-        (by default those that are neither a byte nor made by a merge)."""
+        string -> id; merges: pairs of token strings. An entry that is neither a byte nor
+        made by a merge must be a special token: named in `specials`, or <|...|>."""
         printable = {*range(33, 127), *range(161, 173), *range(174, 256)}
         byte_of = {chr(b): b for b in printable} | \
             {chr(256 + k): b for k, b in enumerate(b for b in range(256) if b not in printable)}
+        made = {a + b for a, b in merges}
+        specials = {s for s in vocab if s in specials or s not in byte_of and s not in made and
+                    s.startswith("<|") and s.endswith("|>")}
+        unknown = [s for s in vocab if s not in byte_of and s not in made and s not in specials]
+        if unknown:
+            raise ValueError(f"vocab entry {unknown[0]!r} is neither a byte, nor made by a merge, nor a special "
+                             "token (<|...|>); if it is special, name it in special_tokens")
         as_bytes = lambda s: bytes(byte_of[c] for c in s)  # noqa: E731
-        if specials is None:
-            specials = set(vocab) - set(byte_of) - {a + b for a, b in merges}
         ranks = {as_bytes(s): i for s, i in vocab.items() if s not in specials}
         return cls(ranks, [(as_bytes(a), as_bytes(b)) for a, b in merges], {s: vocab[s] for s in specials}, pattern)
 
     # --- the fast path ---
 
     def to_tiktoken(self, name="bpe"):
-        """A tiktoken.Encoding with the same ranks, pattern and special tokens: same ids."""
+        """A tiktoken.Encoding with the same ranks, pattern and special tokens: the same ids."""
         import tiktoken
         specials = sorted(self.special_tokens)
         for s, t in zip(specials, specials[1:]):  # sorted: a prefix sorts right before its extensions
             if t.startswith(s):
                 raise ValueError(f"special tokens {s!r} and {t!r} overlap; tiktoken does not promise the "
                                  "longest match (encode() does), so use encode() for this tokenizer")
+        # tiktoken takes the ids as the merge order: they must rise with it, or ids would differ
+        order = sorted(self._prio, key=self._prio.get)
+        for s, t in zip(order, order[1:]):
+            if self.ranks[s] > self.ranks[t]:
+                raise ValueError(f"token {t!r} (id {self.ranks[t]}) is merged after {s!r} (id {self.ranks[s]}) but "
+                                 "has a lower id; tiktoken merges by id, so its ids would differ: use encode(), "
+                                 "or number the tokens in merge order")
         return tiktoken.Encoding(name, pat_str=self.pattern, mergeable_ranks=self.ranks,
                                  special_tokens=self.special_tokens)
 
@@ -581,6 +745,19 @@ class StreamDecoder:
         return self.utf8.decode(b"", final=True)
 
 
+def _read_text(path):
+    """A tokenizer file's text; a missing or undecodable file is an error naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such tokenizer file; train one with "
+                                "`python bpe.py --input FILE --out PATH`, or run prepare.py again") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: corrupt tokenizer file (not UTF-8 text: {e.reason} at byte {e.start}); "
+                         "train it again with bpe.py or prepare.py") from None
+
+
 def load_tokenizer(name, directory=None, files=None, where=None):
     """A tiktoken.Encoding (the fast path) for a tokenizer as meta.json and checkpoints name
     it: "gpt2" (tiktoken's own), the file name of a trained BPE ("x.bpe", with "x.bpe.json"),
@@ -596,29 +773,26 @@ def load_tokenizer(name, directory=None, files=None, where=None):
                              f"({type(e).__name__}; offline?). Put them in TIKTOKEN_CACHE_DIR, or use a "
                              "dataset with its own BPE: `python prepare.py` needs no network") from None
 
+    def at(file):  # how errors name a file
+        return os.path.join(directory, file) if files is None else f"{where or 'the tokenizer'}: {file}"
+
     def text(file):
-        if files is not None:
-            if file not in files:
-                raise ValueError(f"{where or 'the tokenizer'}: its file {file} is missing")
-            return files[file]
-        with open(os.path.join(directory, file), encoding="utf-8") as f:
-            return f.read()
-    where = os.path.join(directory, name) if files is None else f"{where or 'the tokenizer'}: {name}"
+        if files is None:
+            return _read_text(at(file))
+        if file not in files:
+            raise ValueError(f"{where or 'the tokenizer'}: its file {file} is missing")
+        return files[file]
     try:
         if name.endswith(".bpe"):
-            tok = Tokenizer.loads(text(name), text(name + ".json"), where)
+            tok = Tokenizer.loads(text(name), text(name + ".json"), at(name))
         elif name == "vocab.json":
-            with tempfile.TemporaryDirectory() as tmp:  # GPT-2's two files, read as files
-                for file in ("vocab.json", "merges.txt"):
-                    with open(os.path.join(tmp, file), "w", encoding="utf-8") as f:
-                        f.write(text(file))
-                tok = Tokenizer.from_gpt2_files(os.path.join(tmp, "merges.txt"), os.path.join(tmp, "vocab.json"))
+            tok = Tokenizer.from_gpt2_files(at("merges.txt"), at(name), texts=(text("merges.txt"), text(name)))
         elif name.endswith(".json"):
-            tok = Tokenizer.from_hf_json(where, text(name))
+            tok = Tokenizer.from_hf_json(at(name), text(name))
         else:
             raise ValueError(f"unknown tokenizer {name!r}: expected gpt2, a .bpe file, or a tokenizer.json")
     except FileNotFoundError as e:
-        raise ValueError(f"{e.filename}: no such tokenizer file; run prepare.py again") from None
+        raise ValueError(str(e)) from None
     return tok.to_tiktoken()
 
 
@@ -642,7 +816,6 @@ def atomic_write(path, mode="w"):
 
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
-    import pathlib
     ap = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer on UTF-8 text files.")
     ap.add_argument("--input", nargs="+", required=True, help="UTF-8 text files")
     ap.add_argument("--vocab_size", type=int, required=True, help="256 bytes + merges + special tokens")
@@ -653,9 +826,12 @@ if __name__ == "__main__":
     for p in args.input:
         if not os.path.isfile(p):
             ap.error(f"--input {p}: no such file")
+    folder = os.path.dirname(args.out) or "."
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):  # checked now, not after training
+        ap.error(f"--out {args.out}: the folder {folder} does not exist or is not writable; create it first")
     t0 = time.time()
     try:
-        tok = train([pathlib.Path(p) for p in args.input], args.vocab_size, args.special_tokens, workers=args.workers)
+        tok = train([], args.vocab_size, args.special_tokens, workers=args.workers, files=args.input)
     except ValueError as e:
         ap.exit(1, f"bpe.py: error: {e}\n")
     tok.save(args.out)

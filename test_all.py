@@ -245,39 +245,24 @@ def sample(out, *args):
 # bpe.py
 
 
-def naive_train(texts, vocab_size, specials, pattern):
-    """The textbook algorithm as a reference: recount every pair before each merge."""
-    words = collections.Counter()
-    split = "|".join(regex.escape(s) for s in sorted(specials, key=len, reverse=True))
-    for text in texts:
-        for part in regex.split(split, text) if specials else [text]:
-            for w in regex.findall(pattern, part):
-                words[tuple(bytes([b]) for b in w.encode())] += 1
-    vocab, merges = {bytes([b]) for b in range(256)}, []
-    while len(vocab) + len(specials) < vocab_size:
-        pairs = collections.Counter()
-        for w, c in words.items():
-            for p in zip(w, w[1:]):
-                pairs[p] += c
-        if not pairs:
-            break
-        best = max(pairs, key=lambda p: (pairs[p], p))
-        if best[0] + best[1] not in vocab:
-            vocab.add(best[0] + best[1])
-            merges.append(best)
-        new_words = collections.Counter()
-        for w, c in words.items():
-            out, j = [], 0
-            while j < len(w):
-                if w[j:j + 2] == best:
-                    out.append(best[0] + best[1])
-                    j += 2
-                else:
-                    out.append(w[j])
-                    j += 1
-            new_words[tuple(out)] += c
-        words = new_words
-    return merges
+def plain_ids(tok, text):
+    """bpe.encode_plain with tok's merges, for any ids: the tokens are numbered bytes
+    first, then in merge order (as encode_plain expects), and the result numbered back."""
+    new = {bytes([b]): b for b in range(256)}
+    for a, b in tok.merges:
+        new.setdefault(a + b, len(new))
+    back = {i: tok.ranks[t] for t, i in new.items()}
+    merges = {(new[a], new[b]): new[a + b] for a, b in tok.merges}
+    return [back[i] for i in bpe.encode_plain(text, merges, tok.pattern)]
+
+
+def test_bpe_plain_version_by_hand():
+    # the examples of bpe.py's docstrings, worked by hand there
+    assert bpe.get_stats([1, 2, 3, 1, 2]) == {(1, 2): 2, (2, 3): 1, (3, 1): 1}
+    assert bpe.merge([1, 2, 3, 1, 2], (1, 2), 4) == [4, 3, 4] and bpe.merge([1, 1, 1], (1, 1), 4) == [4, 1]
+    assert bpe.pretokenize("Hi you!<|endoftext|>ok", [bpe.EOT]) == ["Hi", " you", "!", "ok"]
+    assert bpe.encode_plain("aaab", {(97, 97): 256, (97, 98): 257}) == [256, 257]
+    assert bpe.train_plain(["aaabdaaabac"], 256 + 3, ()).merges == [(b"a", b"a"), (b"aa", b"a"), (b"aaa", b"b")]
 
 
 def test_bpe_train_by_hand():
@@ -287,36 +272,81 @@ def test_bpe_train_by_hand():
     # [aaa] b d [aaa] b a c -> (aaa, b) twice. [aaab] d [aaab] a c: all pairs once, the
     # greatest left side is b"d" -> (d, aaab), then (daaab, a), (daaaba, c), and last
     # (aaab, daaabac) makes the whole word.
-    tok = bpe.train(["aaabdaaabac"], 256 + 7 + 1, workers=1)
-    assert tok.merges == [(b"a", b"a"), (b"aa", b"a"), (b"aaa", b"b"), (b"d", b"aaab"), (b"daaab", b"a"),
-                          (b"daaaba", b"c"), (b"aaab", b"daaabac")]
-    assert tok.encode("aaabdaaabac") == [256 + 6] and tok.special_tokens == {bpe.EOT: 263}
+    expect = [(b"a", b"a"), (b"aa", b"a"), (b"aaa", b"b"), (b"d", b"aaab"), (b"daaab", b"a"),
+              (b"daaaba", b"c"), (b"aaab", b"daaabac")]
+    for train in (bpe.train_plain, lambda *args: bpe.train(*args, workers=1)):
+        tok = train(["aaabdaaabac"], 256 + 7 + 1)
+        assert tok.merges == expect and tok.encode("aaabdaaabac") == [256 + 6] and tok.special_tokens == {bpe.EOT: 263}
     # a corpus with fewer pairs than asked for stops early, with a smaller vocab
     with contextlib.redirect_stdout(io.StringIO()) as out:
-        assert bpe.train(["ab"], 300, workers=1).n_vocab == 256 + 1 + 1
+        assert bpe.train(["ab"], 300, workers=1).n_vocab == bpe.train_plain(["ab"], 300).n_vocab == 256 + 1 + 1
     assert "ran out of pairs" in out.getvalue()
 
 
-def test_bpe_train_matches_naive_reference():
-    rng = random.Random(0)
+def test_bpe_train_matches_plain():
+    rng = random.Random(21)
     for trial in range(40):
-        alphabet = rng.choice(["ab", "abc ", "aab \n", "xyz<|>", "ab  \n\n"])
+        alphabet = rng.choice(["ab", "abc ", "aab \n", "xyz<|>", "ab  \n\n", "a'b1 "])
         texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 80))) for _ in range(rng.randint(1, 5))]
         pattern = rng.choice([bpe.GPT2_PATTERN, r"\S+|\s+", r"[^|]+"])
         size = rng.randint(258, 300)
         with contextlib.redirect_stdout(io.StringIO()):
             try:
-                got = bpe.train(texts, size, ["<|>"], pattern, workers=1).merges
+                fast = bpe.train(texts, size, ["<|>"], pattern, workers=1)
             except ValueError:  # the corpus was only special tokens
                 assert not "".join(texts).replace("<|>", "")
                 continue
-        assert got == naive_train(texts, size, ["<|>"], pattern), (trial, texts)
+        plain = bpe.train_plain(texts, size, ["<|>"], pattern)
+        assert (fast.merges, fast.ranks, fast.special_tokens) == (plain.merges, plain.ranks, plain.special_tokens), texts
+
+
+def test_bpe_encode_matches_plain(trained, gpt2):
+    # the fast encoder (a heap; it joins the pair whose bytes make the earliest merged
+    # token, tiktoken's rule) against encode_plain (it merges the pair learned first)
+    rng = random.Random(22)
+    cases = [(trained, varied_texts(23, 20)), (bpe.Tokenizer.from_gpt2_files(gpt2[0], gpt2[1]), varied_texts(24, 10))]
+    for _ in range(15):
+        alphabet = rng.choice(["ab", "abc ", "aab \n", "xyz'", "ab  \n\n", "a1b2 "])
+        corpus = ["".join(rng.choice(alphabet) for _ in range(rng.randint(50, 400))) for _ in range(3)]
+        with contextlib.redirect_stdout(io.StringIO()):
+            tok = bpe.train(corpus, rng.randint(270, 320), workers=1)
+        cases.append((tok, ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(30)]))
+    for tok, texts in cases:
+        for text in texts:
+            assert tok.encode_ordinary(text) == plain_ids(tok, text), text
+
+
+def test_bpe_merge_order_comes_from_the_merges_list(trained, tmp_path):
+    # Merges (a, b) then (b, c), but "bc" has the lower id. In merge order "abc" is
+    # a b c -> (a, b) first: [ab] c. Merging the lowest id first would give a [bc].
+    ranks = {bytes([b]): b for b in range(256)} | {b"bc": 256, b"ab": 257}
+    tok = bpe.Tokenizer(ranks, [(b"a", b"b"), (b"b", b"c")], {})
+    assert tok.encode("abc") == [257, ord("c")] == bpe.encode_plain("abc", {(97, 98): 257, (98, 99): 256})
+    with pytest.raises(ValueError, match="merged after .* lower id"):
+        tok.to_tiktoken()  # tiktoken merges by id: it would give [97, 256]
+    # a trained tokenizer with its merged tokens' ids shuffled and its merges kept
+    # encodes to the same tokens as before, and survives a save
+    rng = random.Random(25)
+    new_ids = list(range(256, len(trained.ranks)))
+    rng.shuffle(new_ids)
+    ranks = {t: i if i < 256 else new_ids[i - 256] for t, i in trained.ranks.items()}
+    tok = bpe.Tokenizer(ranks, trained.merges, trained.special_tokens, trained.pattern)
+    tok.save(tmp_path / "shuffled.bpe")
+    back = bpe.Tokenizer.load(tmp_path / "shuffled.bpe")
+    for text in varied_texts(26):
+        ids = tok.encode_ordinary(text)
+        assert [tok.vocab[i] for i in ids] == [trained.vocab[i] for i in trained.encode_ordinary(text)]
+        assert ids == plain_ids(tok, text) == back.encode_ordinary(text)
+    with pytest.raises(ValueError, match="merged after"):
+        tok.to_tiktoken()
+    # without merges (tiktoken's own files have none) the ranks give the order
+    assert bpe.Tokenizer(trained.ranks, [], trained.special_tokens).encode(text) == trained.encode(text)
 
 
 def test_bpe_chunking_and_workers(tmp_path, monkeypatch):
     # Small chunks force every kind of cut: after special tokens, at the end of each
-    # file, and inside a long document with no special token (at a newline after a
-    # letter). The counts must equal counting each whole document at once.
+    # file, and inside a long document with no special token. The counts must equal
+    # counting each whole document at once.
     rng = random.Random(1)
     docs = [random_unicode(rng, rng.randint(0, 2000)) + rng.choice(["", "\n", "x\n"]) for _ in range(60)]
     long_doc = "\n".join("word%d %s" % (i, random_unicode(rng, 30)) for i in range(2000))
@@ -324,31 +354,60 @@ def test_bpe_chunking_and_workers(tmp_path, monkeypatch):
     for i in range(3):
         files.append(tmp_path / f"f{i}.txt")
         files[-1].write_text(bpe.EOT.join(docs[20 * i:20 * i + 20]) + (long_doc if i == 1 else ""), encoding="utf-8")
-    texts = files + ["plain string " * 500, bpe.EOT.join(docs[:5])]
+    texts = ["plain string " * 500, bpe.EOT.join(docs[:5])]
     expect = collections.Counter()
-    for t in [f.read_bytes().decode("utf-8") for f in files] + texts[3:]:
+    for t in [f.read_bytes().decode("utf-8") for f in files] + texts:
         for part in t.split(bpe.EOT):
             expect.update(regex.findall(bpe.GPT2_PATTERN, part))
     monkeypatch.setattr(bpe, "CHUNK_CHARS", 3000)
-    assert bpe.count_words(texts, [bpe.EOT], bpe.GPT2_PATTERN, 1) == expect
-    assert bpe.count_words(texts, [bpe.EOT], bpe.GPT2_PATTERN, 2) == expect
-    one = bpe.train(texts, 600, workers=1)
-    two = bpe.train(texts, 600, workers=2)
+
+    def count(texts, files=(), specials=(bpe.EOT,), pattern=bpe.GPT2_PATTERN, workers=1):
+        return bpe.count_words(bpe._chunks(texts, files, list(specials), pattern), list(specials), pattern, workers)
+    assert count(texts, [str(files[0]), *files[1:]]) == expect
+    assert count(texts, files, workers=2) == expect
+    one = bpe.train(texts, 600, workers=1, files=files)
+    two = bpe.train(texts, 600, workers=2, files=files)
     assert one.merges == two.merges and one.ranks == two.ranks and len(one.merges) == 600 - 257
     # a special token holding a letter then a newline is never cut there
-    text = "xa\nb" * 3000
-    assert bpe.count_words([text], ["a\nb"], bpe.GPT2_PATTERN, 1) == collections.Counter({"x": 3000})
+    assert count(["xa\nb" * 3000], specials=["a\nb"]) == collections.Counter({"x": 3000})
     # Windows newlines and no special token: still cut, and the counts are the same
     text = "".join(f"line {i} of text\r\n" for i in range(3000))
-    assert len(list(bpe._chunks([text], [], bpe.GPT2_PATTERN))) > 5
-    assert bpe.count_words([text], [], bpe.GPT2_PATTERN, 1) == collections.Counter(regex.findall(bpe.GPT2_PATTERN, text))
+    assert len(list(bpe._chunks([text], [], [], bpe.GPT2_PATTERN))) > 5
+    assert count([text], specials=()) == collections.Counter(regex.findall(bpe.GPT2_PATTERN, text))
     # other patterns are cut at special tokens only: r"\S+\s*" words span a letter and a newline
     text = "ab\ncd ef\n" * 1000
-    assert bpe.count_words([text], [], r"\S+\s*", 1) == collections.Counter(regex.findall(r"\S+\s*", text))
+    assert count([text], specials=(), pattern=r"\S+\s*") == collections.Counter(regex.findall(r"\S+\s*", text))
     # a block ends just after "<|a|>", but the text goes on into the longer "<|a|>b"
     text = "x" * 2995 + "<|a|>" + "by " * 2000
-    assert bpe.count_words([text], ["<|a|>", "<|a|>b"], bpe.GPT2_PATTERN, 1) == \
-        collections.Counter({"x" * 2995: 1, "y": 1, " by": 1999, " ": 1})
+    assert count([text], specials=["<|a|>", "<|a|>b"]) == collections.Counter({"x" * 2995: 1, "y": 1, " by": 1999, " ": 1})
+
+
+def test_bpe_safe_cuts_keep_the_words():
+    # Every place _cut finds in the first k characters must leave the words of the
+    # whole text unchanged, whatever follows k: random text of letters, digits, symbols,
+    # apostrophes, spaces, combining marks, surrogates (a pair makes one letter) and
+    # special tokens (one may be cut off at k, or overlap another, or itself)
+    rng = random.Random(27)
+    mixed = ["a", "b", "Z", "é", "中", "文", "1", "٣", " ", "  ", "\n", "\t", "'", "'s", "'ll", ".", "。", "!", "-",
+             "\u0301", "\ud835\udc00", "\ud800", "<|a|>", "<|", "|>", "x<|a|>b"]
+    for specials, boundaries, alphabet in ((["<|a|>", "<|a|>b"], ["<|a|>"], mixed),
+                                           (["x!x"], ["x!x"], ["x", "!", "x!x", "a", "1", " ", "。"])):
+        for pattern in (bpe.GPT2_PATTERN, bpe.GPT2_DIGITS_PATTERN):
+            n_cuts = 0
+            for _ in range(200):
+                text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30)))
+                words = bpe.pretokenize(text, specials, pattern)
+                for k in range(1, len(text) + 1):
+                    if cut := bpe._cut(text[:k], 0, specials, boundaries, pattern):
+                        n_cuts += 1
+                        assert bpe.pretokenize(text[:cut], specials, pattern) + \
+                            bpe.pretokenize(text[cut:], specials, pattern) == words, (text, cut)
+            assert n_cuts > 1000
+    # Chinese text has places to cut: where letters meet punctuation. They are found as
+    # soon as they exist, even when the text comes one character at a time.
+    text = "中文，中文。\n" * 500
+    pieces = list(bpe._pieces(iter(text), [], [], bpe.GPT2_PATTERN, 1))
+    assert "".join(pieces) == text and max(map(len, pieces)) == 3  # "\n中文": no cut after a space
 
 
 def test_bpe_ascii_pattern_matches_gpt2_pattern():
@@ -374,6 +433,27 @@ def test_bpe_special_tokens_are_never_merged():
     assert tok.special_tokens == {"<|endoftext|>": n, "XYZ": n + 1}
     ids = tok.encode("abXYZab<|endoftext|>", allowed_special="all")
     assert ids[-1] == n and n + 1 in ids and tok.decode(ids) == "abXYZab<|endoftext|>"
+
+
+def test_bpe_texts_and_files(tmp_path, monkeypatch):
+    # issue 14.4: train(["data/corpus.txt"]) used to train on the string "data/corpus.txt"
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("hello world, hello tokens\n" * 100, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"names a file.*files=\['corpus.txt'\].*newline"):
+        bpe.train(["corpus.txt"], 300, workers=1)
+    with pytest.raises(TypeError, match="files="):
+        bpe.train([corpus], 300, workers=1)
+    with pytest.raises(TypeError, match="lists"):
+        bpe.train([], 300, files="corpus.txt")
+    with pytest.raises(TypeError, match="lists"):
+        bpe.train("some text", 300)
+    with contextlib.redirect_stdout(io.StringIO()):
+        from_file = bpe.train([], 300, workers=1, files=["corpus.txt"])
+        from_text = bpe.train([corpus.read_text(encoding="utf-8")], 300, workers=1)
+        as_text = bpe.train(["corpus.txt\n"], 300, workers=1)  # the name itself, as text
+    assert from_file.merges == from_text.merges and len(from_file.merges) > 10
+    assert as_text.encode("corpus.txt") == [as_text.ranks[t] for t in (b"corpus", b".", b"txt")]
 
 
 def test_bpe_round_trip(trained, gpt2):
@@ -473,6 +553,30 @@ def test_bpe_gpt2_exact(gpt2):
         tok.encode("a<|endoftext|>b")
 
 
+def test_bpe_gpt2_files_with_or_without_header(gpt2, tmp_path):
+    # issue 14.2: merges files from other tools often have no "#version" line; the first
+    # merge (Ġ t) was dropped, and "Ġt" taken for a special token
+    lines = pathlib.Path(gpt2[0]).read_text(encoding="utf-8").splitlines()
+    assert lines[0].startswith("#version") and lines[1] == "Ġ t"
+    (tmp_path / "merges.txt").write_text("\n".join(lines[1:]) + "\n", encoding="utf-8")
+    with_header = bpe.Tokenizer.from_gpt2_files(gpt2[0], gpt2[1])
+    without = bpe.Tokenizer.from_gpt2_files(tmp_path / "merges.txt", gpt2[1])
+    assert (without.ranks, without.merges, without.special_tokens) == \
+        (with_header.ranks, with_header.merges, with_header.special_tokens)
+    text = "it's time to take the tea out"
+    assert without.encode(" t") == [256] == gpt2[2].encode(" t") and without.encode(text) == gpt2[2].encode(text)
+    without.save(tmp_path / "g.bpe")  # raised KeyError
+    assert bpe.Tokenizer.load(tmp_path / "g.bpe").encode(text) == gpt2[2].encode(text)
+    # a vocab entry that is neither a byte, nor a merge's, nor <|...|> is an error naming
+    # it, unless the caller names it special
+    vocab = json.loads(pathlib.Path(gpt2[1]).read_text(encoding="utf-8")) | {"[PAD]": 50257}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"'\[PAD\]' is neither .* special_tokens"):
+        bpe.Tokenizer.from_gpt2_files(tmp_path / "merges.txt", tmp_path / "vocab.json")
+    tok = bpe.Tokenizer.from_gpt2_files(tmp_path / "merges.txt", tmp_path / "vocab.json", special_tokens=["[PAD]"])
+    assert tok.special_tokens == {bpe.EOT: 50256, "[PAD]": 50257} and tok.encode(text) == gpt2[2].encode(text)
+
+
 def test_bpe_overlapping_special_tokens(trained):
     specials = {"<|a|>": len(trained.ranks), "<|a|>b": len(trained.ranks) + 1}
     tok = bpe.Tokenizer(trained.ranks, trained.merges, specials, trained.pattern)
@@ -483,7 +587,8 @@ def test_bpe_overlapping_special_tokens(trained):
         tok.to_tiktoken()
 
 
-def test_bpe_encode_iterable_equals_encode(trained, gpt2):
+def test_bpe_encode_iterable_equals_encode(trained, gpt2, monkeypatch):
+    monkeypatch.setattr(bpe, "STREAM_CHARS", 1)  # cut wherever it can, as often as it can
     rng = random.Random(8)
     g2 = bpe.Tokenizer.from_gpt2_files(gpt2[0], gpt2[1])
     pieces = VARIED + [bpe.EOT, "<|endof", "text|>", "<|endoftext|>!", "it'll", "we've", "\n\n", "  x", "\r\n"]
@@ -519,28 +624,77 @@ def test_bpe_encode_iterable_equals_encode(trained, gpt2):
 
 
 def test_bpe_encode_iterable_memory_is_bounded(trained):
-    # 4 MB of text, streamed; holding the text (4 MB) or the ids (1M+ Python ints,
-    # 8+ MB) would break the bound
-    words = ["the", "cat", "sat", "on", "mat", "and", "ran", "über", "数据", "🙂"]
-
-    def stream(n_chars):
-        rng, done = random.Random(9), 0
+    # Streamed text: holding the text or all the ids (1M+ Python ints, 8+ MB) would break
+    # the bound. Issue 14.3: Chinese lines end in punctuation, with no letter before a
+    # space to cut at; the held text grew, and each new line rescanned all of it.
+    def stream(n_chars, words, seps, seed):
+        rng, done = random.Random(seed), 0
         while done < n_chars:
-            text = " ".join(rng.choice(words) + str(rng.randrange(1000)) for _ in range(800))
-            text += rng.choice([" ", "\n", "\n\n    "])
+            text = rng.choice(seps[:1]).join(rng.choice(words) + rng.choice(seps[1:]) for _ in range(rng.randint(1, 50)))
             done += len(text)
             yield text
 
-    tracemalloc.start()
+    chinese = ["".join(chr(random.Random(k).randint(0x4E00, 0x9FA5)) for _ in range(k % 5 + 1)) for k in range(40)]
+    english = ["the", "cat", "sat", "on", "mat", "and", "ran", "über", "数据", "🙂", "42"]
+    for args in ((4_000_000, english, [" ", "", "7", "\n", "\n\n    "], 9), (300_000, chinese, ["", "，", "、", "。\n"], 10)):
+        tracemalloc.start()
+        try:
+            n = sum(1 for _ in trained.encode_iterable(stream(*args)))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert n > args[0] / 4 and peak < 2_000_000, (n, peak)
+    assert list(trained.encode_iterable(stream(*args))) == trained.encode("".join(stream(*args)))
+
+
+POOL_MAP_SCRIPT = """
+import multiprocessing, sys, bpe
+jobs = (([("w%d " % i) * 2_000_000], [], bpe.GPT2_PATTERN) for i in range(100))  # 6+ MB each: a pipe holds 64 KB
+results = bpe.pool_map(bpe._count_words, jobs, 2)
+try:
+    for n, _ in enumerate(results):
+        print("result", n, flush=True)
+except KeyboardInterrupt:
+    results.close()
+    print("KeyboardInterrupt; workers left:", len(multiprocessing.active_children()), flush=True)
+    sys.exit(130)
+"""
+
+
+@pytest.mark.parametrize("to_group", [True, False])
+def test_bpe_pool_map_stops_at_ctrl_c(to_group):
+    # Issue 12.5: Ctrl-C hung forever. The workers died, and the pool's shutdown waited
+    # on its thread that was writing a large job into a pipe that nobody read. A
+    # terminal's Ctrl-C sends SIGINT to the whole process group; `kill -INT` to one.
+    run = subprocess.Popen([sys.executable, "-c", POOL_MAP_SCRIPT], cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        n = sum(1 for _ in trained.encode_iterable(stream(4_000_000)))
-        peak = tracemalloc.get_traced_memory()[1]
+        assert run.stdout.readline().startswith("result 0")  # the workers are busy with more jobs
+        (os.killpg if to_group else os.kill)(run.pid, signal.SIGINT)
+        out, _ = run.communicate(timeout=30)
     finally:
-        tracemalloc.stop()
-    assert n > 1_000_000 and peak < 2_000_000, (n, peak)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 130 and "KeyboardInterrupt; workers left: 0" in out, out
+    assert "Traceback" not in out, out  # the workers ignore SIGINT: the parent stops them
 
 
-def test_bpe_bad_input(tmp_path, trained):
+def pool_job(x):
+    if x == "fail":
+        raise ValueError("this job fails")
+    return threading.Lock() if x == "lock" else 2 * x  # a lock does not pickle
+
+
+def test_bpe_pool_map_order_and_errors():
+    # results in order; a worker's error is raised to the caller, also when its result
+    # cannot be sent back (a worker that stopped on it would leave the caller waiting)
+    assert list(bpe.pool_map(pool_job, [(i,) for i in range(50)], 3)) == [2 * i for i in range(50)]
+    for bad, error in (("fail", "this job fails"), ("lock", "cannot pickle")):
+        with pytest.raises((ValueError, TypeError), match=error):
+            list(bpe.pool_map(pool_job, [(1,), (2,), (bad,), (4,)], 2))
+
+
+def test_bpe_bad_input(tmp_path):
     with pytest.raises(ValueError, match="at least 256 byte tokens"):
         bpe.train(["some text"], 256)
     for empty in ([], [""], ["<|endoftext|>"]):
@@ -550,34 +704,57 @@ def test_bpe_bad_input(tmp_path, trained):
         bpe.train(["x"], 300, special_tokens=("<|x|>", "<|x|>"))
     with pytest.raises(ValueError, match="non-empty"):
         bpe.train(["x"], 300, special_tokens=("",))
-    with pytest.raises(TypeError, match="os.PathLike"):
+    with pytest.raises(TypeError, match="texts holds a bytes.*files="):
         bpe.train([b"bytes"], 300)
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("café au lait".encode("latin-1"))
     with pytest.raises(ValueError, match="latin1.txt: not valid UTF-8 near byte 3"):
-        bpe.train([latin1], 300, workers=1)
-    # corrupt tokenizer files: each error names the file
+        bpe.train([], 300, workers=1, files=[latin1])
+
+
+def test_bpe_corrupt_tokenizer_files_are_named(tmp_path, trained, gpt2):
+    # Each error names the file at fault, the .json sidecar included, through
+    # Tokenizer.load, Tokenizer.loads and load_tokenizer (from a directory or a checkpoint's files)
     trained.save(tmp_path / "tok.bpe")
-    good = (tmp_path / "tok.bpe").read_text()
+    good, side = (tmp_path / "tok.bpe").read_text(), (tmp_path / "tok.bpe.json").read_text()
     cut_at_line = good[:good.index("\n", len(good) // 2) + 1]
-    for bad, where in [(good.replace("\n", "\n!!!! 7\n", 1), "tok.bpe, line 2"), (good[:len(good) // 2], "tok.bpe"),
-                       (cut_at_line, "tok.bpe:"), ("", "tok.bpe:")]:
-        (tmp_path / "tok.bpe").write_text(bad)
-        with pytest.raises(ValueError, match=regex.escape(where) + ".*corrupt"):
-            bpe.Tokenizer.load(tmp_path / "tok.bpe")
-    (tmp_path / "tok.bpe").write_text(good)
-    side = (tmp_path / "tok.bpe.json").read_text()
-    for bad in ["{not json", "[" * 100000, side.replace('"pattern": "', '"pattern": "(', 1),
+    bad_json = ["{not json", "[" * 100000, "[]", side.replace('"pattern": "', '"pattern": "(', 1),
+                side.replace('"merges"', '"merge"'), side.replace('"special_tokens"', '"specials"'),
                 side.replace(f'"<|endoftext|>": {trained.eot_id}', f'"<|endoftext|>": {trained.eot_id}.0'),
-                regex.sub(r'"pattern": ".*?", "special', '"pattern": "", "special', side)]:
-        assert bad != side
-        (tmp_path / "tok.bpe.json").write_text(bad)
-        with pytest.raises(ValueError, match=r"tok\.bpe(\.json)?: corrupt"):
-            bpe.Tokenizer.load(tmp_path / "tok.bpe")
-    with pytest.raises(FileNotFoundError, match="nope.bpe"):
-        bpe.Tokenizer.load(tmp_path / "nope.bpe")
+                regex.sub(r'"pattern": ".*?", "special', '"pattern": "", "special', side),
+                regex.sub(r"\[\d+, \d+\]", "[1, 99999]", side, count=1)]
+    cases = [(good.replace("\n", "\n!!!! 7\n", 1), side, r"tok\.bpe, line 2: corrupt"),
+             (good[:len(good) // 2], side, r"tok\.bpe(, line \d+)?: corrupt"),
+             ("", side, r"tok\.bpe: corrupt"),
+             (cut_at_line, side, r"tok\.bpe and \S+/tok\.bpe\.json: corrupt .*cut short")]
+    cases += [(good, bad, r"tok\.bpe\.json: corrupt") for bad in bad_json]
+    for ranks_text, side_text, where in cases:
+        assert (ranks_text, side_text) != (good, side)
+        (tmp_path / "tok.bpe").write_text(ranks_text)
+        (tmp_path / "tok.bpe.json").write_text(side_text)
+        for load in (lambda: bpe.Tokenizer.load(tmp_path / "tok.bpe"), lambda: bpe.load_tokenizer("tok.bpe", tmp_path),
+                     lambda: bpe.Tokenizer.loads(ranks_text, side_text, str(tmp_path / "tok.bpe"))):
+            with pytest.raises(ValueError, match=str(tmp_path) + "/" + where):
+                load()
+        with pytest.raises(ValueError, match="ckpt.pt: tok.bpe"):
+            bpe.load_tokenizer("tok.bpe", files={"tok.bpe": ranks_text, "tok.bpe.json": side_text}, where="ckpt.pt")
+    (tmp_path / "tok.bpe").write_text(good)
+    (tmp_path / "tok.bpe.json").write_bytes(b'{"pattern": "\xff"}')  # not UTF-8
+    for load in (lambda: bpe.Tokenizer.load(tmp_path / "tok.bpe"), lambda: bpe.load_tokenizer("tok.bpe", tmp_path)):
+        with pytest.raises(ValueError, match=r"tok\.bpe\.json: corrupt tokenizer file \(not UTF-8"):
+            load()
+    (tmp_path / "tok.bpe.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"tok\.bpe\.json: no such tokenizer file"):
+        bpe.Tokenizer.load(tmp_path / "tok.bpe")
+    with pytest.raises(ValueError, match=r"tok\.bpe\.json: no such tokenizer file"):
+        bpe.load_tokenizer("tok.bpe", tmp_path)
+    # GPT-2's two files: the error names them, not a temp copy
+    shutil.copy(gpt2[1], tmp_path / "vocab.json")
+    (tmp_path / "merges.txt").write_text("#version: 0.2\nĠ\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=regex.escape(f"{tmp_path}/merges.txt + {tmp_path}/vocab.json: not GPT-2")):
+        bpe.load_tokenizer("vocab.json", tmp_path)
     with pytest.raises(ValueError, match="not GPT-2 tokenizer files"):
-        bpe.Tokenizer.from_gpt2_files(tmp_path / "tok.bpe", tmp_path / "tok.bpe.json")
+        bpe.Tokenizer.from_gpt2_files(tmp_path / "tok.bpe", tmp_path / "vocab.json")
 
 
 def test_bpe_cli(tmp_path):
@@ -588,13 +765,16 @@ def test_bpe_cli(tmp_path):
     run = subprocess.run([sys.executable, "bpe.py", "--input", str(a), str(b), "--vocab_size=400", f"--out={out}"],
                          cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert bpe.Tokenizer.load(out).merges == bpe.train([a, b], 400, workers=1).merges
+    assert bpe.Tokenizer.load(out).merges == bpe.train([], 400, workers=1, files=[a, b]).merges
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe bad")
-    for args, msg in [(["--input", str(tmp_path / "missing.txt")], "missing.txt: no such file"),
-                      (["--input", str(tmp_path / "bad.txt")], "bad.txt: not valid UTF-8")]:
-        run = subprocess.run([sys.executable, "bpe.py", *args, "--vocab_size=300", f"--out={out}"],
-                             cwd=ROOT, capture_output=True, text=True)
+    # an --out folder that does not exist fails before training: bad.txt is never read
+    for name, dest, msg in [("missing.txt", out, "missing.txt: no such file"),
+                            ("bad.txt", out, "bad.txt: not valid UTF-8"),
+                            ("bad.txt", tmp_path / "no" / "x.bpe", f"the folder {tmp_path / 'no'} does not exist")]:
+        run = subprocess.run([sys.executable, "bpe.py", "--input", str(tmp_path / name), "--vocab_size=300",
+                              f"--out={dest}"], cwd=ROOT, capture_output=True, text=True)
         assert run.returncode != 0 and msg in run.stderr and "Traceback" not in run.stderr, run.stderr
+
 
 def test_bpe_from_hf_tokenizer_json(tmp_path):
     # SmolLM2's tokenizer.json: a byte-level BPE with single digits split off first;
@@ -621,6 +801,7 @@ def test_bpe_from_hf_tokenizer_json(tmp_path):
     (tmp_path / "tokenizer.json").write_text('{"model": {"type": "Unigram"}}')
     with pytest.raises(ValueError, match="tokenizer.json that bpe.py can load"):
         bpe.Tokenizer.from_hf_json(tmp_path / "tokenizer.json")
+
 
 # -----------------------------------------------------------------------------
 # prepare.py
