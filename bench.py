@@ -175,7 +175,7 @@ def hf_train(tokenizers, path, size):
 def cold(tok, fn=None):
     """fn (by default tok.encode_ordinary) with tok's cache emptied first, so each run is timed cold."""
     def encode(text):
-        tok._cache.clear()
+        tok.clear_cache()
         return (fn or tok.encode_ordinary)(text)
     return encode
 

@@ -25,6 +25,7 @@ import base64
 import codecs
 import collections
 import contextlib
+import gzip
 import heapq
 import json
 import multiprocessing
@@ -165,18 +166,21 @@ GPT2_PATTERN_ASCII = re.compile(r"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]+| ?
 _SAFE_CUT = regex.compile(r"(?r)\p{L}(?=[^\p{L}\p{Cs}])|\p{N}(?=[^\p{N}\p{Cs}])|[^\s\p{L}\p{N}\p{Cs}'](?=[\s\p{L}\p{N}])")
 
 
-def _read_file(path):
-    """Yields the text of a UTF-8 file in blocks, never holding the whole file. Bytes
-    that are not UTF-8 are rejected rather than silently replaced: the caller decides."""
-    utf8, done = codecs.getincrementaldecoder("utf-8")(), 0
-    with open(path, "rb") as f:
+def read_blocks(path, strict=True):
+    """Yields the text of a UTF-8 file (gzipped if it ends in .gz) in blocks, never holding
+    the whole file. strict: bytes that are not UTF-8 are an error naming the file and the
+    byte (of the uncompressed text), rather than silently replaced: the caller decides.
+    Not strict: they become U+FFFD, as for downloaded web text."""
+    utf8, done = codecs.getincrementaldecoder("utf-8")("strict" if strict else "replace"), 0
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
         while True:
             data = f.read(CHUNK_CHARS)
+            held = len(utf8.getstate()[0])  # the first bytes of a character that the last block cut
             try:
                 yield utf8.decode(data, final=not data)
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}: not valid UTF-8 near byte {done + e.start} ({e.reason}). Convert it "
-                                 "to UTF-8, or read it with errors='replace' and pass the text in texts=") from None
+                raise ValueError(f"{path}: not valid UTF-8 near byte {done - held + e.start} ({e.reason}); "
+                                 "convert it to UTF-8") from None
             if not data:
                 return
             done += len(data)
@@ -236,7 +240,7 @@ def _chunks(texts, files, specials, pattern):
         yield from _pieces((text[i:i + CHUNK_CHARS] for i in range(0, len(text), CHUNK_CHARS)),
                            specials, specials, pattern, CHUNK_CHARS)
     for path in files:
-        yield from _pieces(_read_file(path), specials, specials, pattern, CHUNK_CHARS)
+        yield from _pieces(read_blocks(path), specials, specials, pattern, CHUNK_CHARS)
 
 
 def _count_words(chunks, specials, pattern):
@@ -558,12 +562,16 @@ class Tokenizer:
             ids = cache.get(piece)
             if ids is None:
                 if self._cached > 1 << 15:  # bounded memory: ~32K ids in all, ~2 MB; hit rates barely change
-                    cache.clear()
-                    self._cached = 0
+                    self.clear_cache()
                 ids = cache[piece] = self._bpe(piece.encode("utf-8"))
                 self._cached += len(ids)
             out.extend(ids)
         return out
+
+    def clear_cache(self):
+        """Forgets the words encoded so far (for timing the encoder cold)."""
+        self._cache.clear()
+        self._cached = 0
 
     def _special_sets(self, allowed_special, disallowed_special):
         specials = set(self.special_tokens)

@@ -15,9 +15,7 @@ reader sits beside the writer (read_shard; train.py streams shards with it). The
 settings come from config/ (configure).
 Read next: model.py
 """
-import codecs
 import difflib
-import gzip
 import hashlib
 import json
 import os
@@ -321,30 +319,10 @@ def stdlib_docs(split):
                 yield f.read().decode("utf-8", errors="replace")
 
 
-def _text_blocks(path, strict):
-    """The text of a (maybe gzipped) UTF-8 file in blocks of about 1 MB. strict: bytes that
-    are not UTF-8 are an error naming the file and the byte offset (your own data: you
-    decide); else they become U+FFFD (downloaded web text)."""
-    utf8 = codecs.getincrementaldecoder("utf-8")("strict" if strict else "replace")
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        done = 0  # bytes read so far; the decoder may hold the first bytes of a character back
-        while True:
-            data = f.read(1 << 20)
-            held = len(utf8.getstate()[0])
-            try:
-                yield utf8.decode(data, final=not data)
-            except UnicodeDecodeError as e:
-                where = f"byte {done - held + e.start}" + (" (uncompressed)" if path.endswith(".gz") else "")
-                raise ValueError(f"{path}: not valid UTF-8 near {where} ({e.reason}); convert it to UTF-8") from None
-            if not data:
-                return
-            done += len(data)
-
-
 def _lines(path):
     """The lines of a UTF-8 file, streamed."""
     buf = ""
-    for block in _text_blocks(path, strict=True):
+    for block in bpe.read_blocks(path, strict=True):
         *lines, buf = (buf + block).split("\n")
         yield from lines
     yield buf
@@ -353,7 +331,7 @@ def _lines(path):
 def text_file_docs(path, strict=False):
     """Documents of a (maybe gzipped) text file separated by <|endoftext|>, streamed."""
     buf = ""
-    for block in _text_blocks(path, strict):
+    for block in bpe.read_blocks(path, strict):
         *docs, buf = (buf + block).split(bpe.EOT)
         yield from (d.strip() for d in docs if d.strip())
     if buf.strip():
@@ -367,7 +345,7 @@ def read_docs(path):
     if os.path.isdir(path):
         files = sorted(os.path.join(d, f) for d, dirs, fs in os.walk(path) for f in fs if not f.startswith("."))
         for f in files:
-            text = "".join(_text_blocks(f, strict=True)).strip()
+            text = "".join(bpe.read_blocks(f, strict=True)).strip()
             if text:
                 yield text
     elif path.endswith((".jsonl", ".jsonl.gz")):
