@@ -1038,6 +1038,27 @@ def test_prepare_downloaded_text_and_shards(server, tmp_path, fast_retries, monk
         monkeypatch.setattr(prepare, "tokenizer", "bpe:1000")
         prepare.prepare()
 
+def test_prepare_stops_at_one_ctrl_c(tmp_path):
+    # a real Ctrl-C, to the whole process group as a terminal sends it, while the train
+    # split is being tokenized by the worker processes (it used to hang there for good)
+    proc = subprocess.Popen([sys.executable, "prepare.py", f"--data_dir={tmp_path}", "--tokenizer=bpe:300",
+                             "--decontaminate=none"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("val: "):  # the val split is written; the train split has begun
+                break
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=30)  # promptly
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and "interrupted; nothing half-written was kept" in err, err
+    assert "Traceback" not in err and "train: " not in out  # stopped inside the train split
+    left = sorted(p.name for p in (tmp_path / "stdlib").iterdir())
+    assert "meta.json" not in left and not any(".tmp" in name for name in left), left  # nothing looks complete
+
+
 def naive_overlaps(doc, examples, n, limit):
     """Tulu 3's rule written plainly, as the reference: n-grams as tuples, coverage as a set."""
     grams = {tuple(doc[i:i + n]) for i in range(len(doc) - n + 1)}
