@@ -687,9 +687,13 @@ class Tokenizer:
                           for s in steps)
             byte_level, digits = ("ByteLevel", None, False, True), ("Digits", True, None, True)
             pattern = {(byte_level,): GPT2_PATTERN, (digits, byte_level): GPT2_DIGITS_PATTERN}.get(split)
+            if split == (("Split", None, None, True), ("ByteLevel", None, False, False)) and \
+                    steps[0].get("behavior") == "Isolated" and not steps[0].get("invert"):
+                pattern = steps[0]["pattern"]["Regex"]  # any split pattern, as to_hf_json writes it
             if model.get("type") != "BPE" or hf.get("normalizer") or model.get("byte_fallback") or pattern is None \
                     or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
-                raise ValueError("only byte-level BPEs with GPT-2's split (and maybe single digits first) load")
+                raise ValueError("only byte-level BPEs with GPT-2's split (maybe single digits first) or a regex "
+                                 "split load")
             merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
             added = {t["content"]: t["id"] for t in hf.get("added_tokens", [])}
             return cls._from_printable(model["vocab"] | added, merges, pattern, [*added, *special_tokens])
@@ -702,9 +706,7 @@ class Tokenizer:
         for themselves, the others for chr(256), chr(257), ... in byte order. vocab: token
         string -> id; merges: pairs of token strings. An entry that is neither a byte nor
         made by a merge must be a special token: named in `specials`, or <|...|>."""
-        printable = {*range(33, 127), *range(161, 173), *range(174, 256)}
-        byte_of = {chr(b): b for b in printable} | \
-            {chr(256 + k): b for k, b in enumerate(b for b in range(256) if b not in printable)}
+        byte_of = _printable()
         made = {a + b for a, b in merges}
         specials = {s for s in vocab if s in specials or s not in byte_of and s not in made and
                     s.startswith("<|") and s.endswith("|>")}
@@ -715,6 +717,62 @@ class Tokenizer:
         as_bytes = lambda s: bytes(byte_of[c] for c in s)  # noqa: E731
         ranks = {as_bytes(s): i for s, i in vocab.items() if s not in specials}
         return cls(ranks, [(as_bytes(a), as_bytes(b)) for a, b in merges], {s: vocab[s] for s in specials}, pattern)
+
+    # --- Hugging Face's formats, written (for export) ---
+
+    @classmethod
+    def from_tiktoken(cls, enc, pattern=GPT2_PATTERN):
+        """A tiktoken.Encoding (gpt2, say) as a Tokenizer, with its merges recovered from the
+        ranks, which is all tiktoken keeps: the token of rank r is made by joining the two
+        parts that byte-level BPE, with only the tokens ranked below r, leaves of its bytes.
+        tiktoken does not show its split pattern: give it if it is not GPT-2's."""
+        specials = {s: enc.encode_single_token(s) for s in enc.special_tokens_set}
+        ranks = {enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab) if i not in specials.values()}
+        merges = []
+        for token, r in sorted(ranks.items(), key=lambda kv: kv[1]):
+            parts = [token[i:i + 1] for i in range(len(token))]
+            while len(parts) > 2:  # join the lowest-ranked pair, as tiktoken would
+                k = min(range(len(parts) - 1), key=lambda k: ranks.get(parts[k] + parts[k + 1], r))
+                if ranks.get(parts[k] + parts[k + 1], r) >= r:
+                    raise ValueError(f"token {token!r} (rank {r}) is made by no merge of lower-ranked tokens")
+                parts[k:k + 2] = [parts[k] + parts[k + 1]]
+            if len(parts) == 2:
+                merges.append((parts[0], parts[1]))
+        return cls(ranks, merges, specials, pattern)
+
+    def to_hf_json(self):
+        """The text of a Hugging Face tokenizer.json of this byte-level BPE, which gives the
+        same ids: bytes written as GPT-2's printable characters, the merges in order, the
+        special tokens as added tokens, and the split pattern (GPT-2's is ByteLevel's own)."""
+        char = {b: c for c, b in _printable().items()}
+        name = lambda t: "".join(char[b] for b in t)  # noqa: E731
+        regex_split = [{"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated", "invert": False}]
+        pre = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+               "use_regex": self.pattern == GPT2_PATTERN}
+        if self.pattern != GPT2_PATTERN:
+            pre = {"type": "Sequence", "pretokenizers": regex_split + [pre]}
+        merges = self.merges or Tokenizer.from_tiktoken(self.to_tiktoken(), self.pattern).merges
+        return json.dumps({
+            "version": "1.0", "truncation": None, "padding": None, "normalizer": None, "pre_tokenizer": pre,
+            "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": True} for s, i in sorted(self.special_tokens.items())],
+            "post_processor": None, "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                                                "use_regex": True},
+            # ignore_merges: a word that is a token whole is that token, as tiktoken (and encode) do
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                      "vocab": {name(t): i for t, i in sorted(self.ranks.items(), key=lambda kv: kv[1])},
+                      "merges": [[name(a), name(b)] for a, b in merges]}}, ensure_ascii=False)
+
+    def to_gpt2_files(self):
+        """The texts of GPT-2's two files for this tokenizer: vocab.json (encoder.json) and
+        merges.txt (vocab.bpe), which from_gpt2_files reads."""
+        char = {b: c for c, b in _printable().items()}
+        name = lambda t: "".join(char[b] for b in t)  # noqa: E731
+        vocab = {name(t): i for t, i in self.ranks.items()} | self.special_tokens
+        merges = self.merges or Tokenizer.from_tiktoken(self.to_tiktoken(), self.pattern).merges
+        return json.dumps(vocab, ensure_ascii=False), "#version: 0.2\n" + "".join(f"{name(a)} {name(b)}\n"
+                                                                               for a, b in merges)
 
     # --- the fast path ---
 
@@ -735,6 +793,14 @@ class Tokenizer:
                                  "or number the tokens in merge order")
         return tiktoken.Encoding(name, pat_str=self.pattern, mergeable_ranks=self.ranks,
                                  special_tokens=self.special_tokens)
+
+
+def _printable():
+    """GPT-2's printable stand-in for each byte (char -> byte): bytes that print stand for
+    themselves, the others for chr(256), chr(257), ... in byte order."""
+    printable = {*range(33, 127), *range(161, 173), *range(174, 256)}
+    return {chr(b): b for b in printable} | \
+        {chr(256 + k): b for k, b in enumerate(b for b in range(256) if b not in printable)}
 
 
 class StreamDecoder:
@@ -766,20 +832,21 @@ def _read_text(path):
                          "train it again with bpe.py or prepare.py") from None
 
 
-def load_tokenizer(name, directory=None, files=None, where=None):
+def load_tokenizer(name, directory=None, files=None, where=None, fast=True):
     """A tiktoken.Encoding (the fast path) for a tokenizer as meta.json and checkpoints name
     it: "gpt2" (tiktoken's own), the file name of a trained BPE ("x.bpe", with "x.bpe.json"),
     of a Hugging Face tokenizer.json, or "vocab.json" (with merges.txt beside it). The files
     are read from `directory`, or taken from `files`, {file name: text}, as a checkpoint
-    holds them; `where` then names their source in errors."""
+    holds them; `where` then names their source in errors. fast=False: the Tokenizer."""
     if name == "gpt2":
         import tiktoken
         try:
-            return tiktoken.get_encoding("gpt2")
+            enc = tiktoken.get_encoding("gpt2")
         except Exception as e:  # tiktoken downloads its files on first use
             raise ValueError(f"tiktoken's gpt2 files are not in its cache and could not be downloaded "
                              f"({type(e).__name__}; offline?). Put them in TIKTOKEN_CACHE_DIR, or use a "
                              "dataset with its own BPE: `python prepare.py` needs no network") from None
+        return enc if fast else Tokenizer.from_tiktoken(enc)
 
     def at(file):  # how errors name a file
         return os.path.join(directory, file) if files is None else f"{where or 'the tokenizer'}: {file}"
@@ -801,7 +868,7 @@ def load_tokenizer(name, directory=None, files=None, where=None):
             raise ValueError(f"unknown tokenizer {name!r}: expected gpt2, a .bpe file, or a tokenizer.json")
     except FileNotFoundError as e:
         raise ValueError(str(e)) from None
-    return tok.to_tiktoken()
+    return tok.to_tiktoken() if fast else tok
 
 
 @contextlib.contextmanager

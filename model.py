@@ -744,3 +744,104 @@ def save_safetensors(tensors, path, metadata=None):
             t = t.detach().cpu().contiguous()
             raw = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()  # numpy has no bf16
             f.write(raw.astype(raw.dtype.newbyteorder("<"), copy=False).tobytes())  # little-endian
+
+# -----------------------------------------------------------------------------
+# Export: a train.py checkpoint as a Hugging Face model directory, which transformers
+# loads with no code of ours: python model.py export out/x/ckpt.pt hf/x [--push_to=USER/NAME]
+
+
+def export_hf(ckpt_path, out, dtype="fp32"):
+    """Writes out/: config.json, model.safetensors, generation_config.json, the tokenizer
+    (tokenizer.json, and GPT-2's vocab.json + merges.txt where they came from) and a model
+    card, README.md. LoRA adapters are merged in. Each file is written atomically."""
+    ckpt = load_checkpoint(ckpt_path)
+    m = merge_lora(model_from_checkpoint(ckpt))
+    spec = ckpt["tokenizer"]
+    tok = bpe.load_tokenizer(spec["name"], files=spec["files"], where=ckpt_path, fast=False)
+    eot = tok.eot_id
+    hf = config_to_hf(m.cfg, eot) | {"torch_dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]}
+    os.makedirs(out, exist_ok=True)
+    files = {"config.json": json.dumps(hf, indent=2),
+             "generation_config.json": json.dumps({"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot,
+                                                   "max_length": m.cfg.block_size}, indent=2),
+             "tokenizer_config.json": json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bpe.EOT,
+                                                  "eos_token": bpe.EOT, "model_max_length": m.cfg.block_size,
+                                                  "clean_up_tokenization_spaces": False} if eot is not None else
+                                                 {"tokenizer_class": "PreTrainedTokenizerFast"}, indent=2)}
+    # a pretrained model's own tokenizer.json goes as it was; any other is written anew
+    files["tokenizer.json"] = spec["files"].get("tokenizer.json") or tok.to_hf_json()
+    if spec["name"] in ("gpt2", "vocab.json"):  # GPT-2's own two files too, for its slow tokenizer
+        files["vocab.json"], files["merges.txt"] = tok.to_gpt2_files()
+    files["README.md"] = model_card(ckpt, m, hf)
+    for name, text in files.items():
+        with bpe.atomic_write(os.path.join(out, name)) as f:
+            f.write(text)
+    weights = {k: v.to(DTYPES[dtype]) for k, v in ours_to_hf(m.state_dict(), m.cfg).items()}
+    save_safetensors(weights, os.path.join(out, "model.safetensors"), {"format": "pt"})
+    return out
+
+
+def model_card(ckpt, m, hf):
+    """README.md for the Hub: what the model is, what it was trained on, how well it did."""
+    s = ckpt["settings"]
+    log = os.path.join(os.path.dirname(ckpt["path"]), "log.jsonl")
+    evals = [json.loads(line) for line in open(log) if "val_bpb" in line] if os.path.exists(log) else []
+    lora = ckpt.get("lora")
+    return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+---
+# {os.path.basename(os.path.dirname(os.path.abspath(ckpt["path"])))}
+
+A {m.num_params() / 1e6:.1f}M-parameter {hf["architectures"][0]} ({m.cfg.n_layer} layers, {m.cfg.n_embd} wide,
+{m.cfg.n_head} heads, context {m.cfg.block_size}), trained from scratch with an LLM-from-scratch codebase in
+the spirit of nanoGPT{f", then fine-tuned with {lora['variant']} (rank {lora['rank']}, merged in)" if lora else ""}.
+
+- data: `{s["dataset"]}`, tokenizer `{ckpt["tokenizer"]["name"]}` ({m.cfg.vocab_size} tokens)
+- training: {ckpt["step"]} steps of {s["total_batch_size"]:,} tokens ({ckpt["step"] * s["total_batch_size"]:,} tokens),
+  learning rate {s["learning_rate"]} ({s["schedule"]})
+- {f'validation: {evals[-1]["val_bpb"]:.4f} bits per byte, loss {evals[-1]["val_loss"]:.4f} (step {evals[-1]["step"]})'
+   if evals else "validation: no log.jsonl was found beside the checkpoint"}
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained("PATH_OR_REPO")
+model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO")
+print(tok.decode(model.generate(**tok("def main(", return_tensors="pt"), max_new_tokens=50, do_sample=True)[0]))
+```
+
+No license was chosen when this card was written: set one before you share the model.
+"""
+
+
+def push_to_hub(directory, repo):
+    """Uploads the directory to a Hub model repo with the official client, which handles
+    large files (LFS/Xet); imported only here, so the rest needs no huggingface_hub."""
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise ValueError("uploading needs huggingface_hub: pip install huggingface_hub, or upload the directory with "
+                         f"`hf upload {repo} {directory} .`") from None
+    if not os.environ.get("HF_TOKEN"):
+        raise ValueError("uploading needs HF_TOKEN: a token with write access (huggingface.co/settings/tokens)")
+    api = huggingface_hub.HfApi(token=os.environ["HF_TOKEN"])
+    api.create_repo(repo, exist_ok=True)
+    return api.upload_folder(folder_path=directory, repo_id=repo, repo_type="model")
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="Export a train.py checkpoint to the Hugging Face format.")
+    ap.add_argument("command", choices=["export"])
+    ap.add_argument("checkpoint", help="a train.py checkpoint, e.g. out/quickstart/ckpt.pt (LoRA adapters are merged)")
+    ap.add_argument("out", help="the directory to write")
+    ap.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="the weights' dtype (default fp32)")
+    ap.add_argument("--push_to", default="", help="then upload it to this Hub repo, USER/NAME (needs HF_TOKEN)")
+    args = ap.parse_args()
+    try:
+        export_hf(args.checkpoint, args.out, args.dtype)
+        print(f"exported {args.checkpoint} to {args.out}/: AutoModelForCausalLM.from_pretrained({args.out!r}) loads it")
+        if args.push_to:
+            print(f"uploaded: {push_to_hub(args.out, args.push_to)}")
+    except (ValueError, FileNotFoundError, prepare.DownloadError) as e:
+        raise SystemExit(f"model.py: error: {e}") from None

@@ -776,6 +776,33 @@ def test_bpe_cli(tmp_path):
         assert run.returncode != 0 and msg in run.stderr and "Traceback" not in run.stderr, run.stderr
 
 
+def test_bpe_writes_hugging_face_and_gpt2_files(trained, gpt2, tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+    # tiktoken keeps only ranks: GPT-2's 50,000 merges are recovered from them exactly
+    ref = bpe.Tokenizer.from_gpt2_files(gpt2[0], gpt2[1])
+    g2 = bpe.Tokenizer.from_tiktoken(gpt2[2])
+    assert g2.merges == ref.merges and g2.ranks == ref.ranks and g2.special_tokens == ref.special_tokens
+    vocab_json, merges_txt = g2.to_gpt2_files()
+    (tmp_path / "vocab.json").write_text(vocab_json)
+    (tmp_path / "merges.txt").write_text(merges_txt)
+    back = bpe.Tokenizer.from_gpt2_files(tmp_path / "merges.txt", tmp_path / "vocab.json")
+    assert (back.merges, back.ranks, back.special_tokens) == (ref.merges, ref.ranks, ref.special_tokens)
+    # tokenizer.json: Hugging Face's tokenizers gives our ids, for GPT-2's split and for another pattern
+    llama3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+    other = bpe.train([t * 3 for t in varied_texts(22)], 600, ("<|endoftext|>", "<|pad|>"), llama3, workers=1)
+    texts = varied_texts(23) + ["x<|endoftext|>y <|pad|>", open(bpe.__file__).read()[:5000]]
+    for tok in (trained, g2, other):
+        text = tok.to_hf_json()
+        hf = HFTokenizer.from_str(text)
+        for t in texts:
+            assert hf.encode(t, add_special_tokens=False).ids == tok.encode(t, allowed_special="all"), t[:40]
+        (tmp_path / "tokenizer.json").write_text(text)
+        back = bpe.Tokenizer.from_hf_json(tmp_path / "tokenizer.json")  # and read back
+        assert (back.ranks, back.merges, back.special_tokens, back.pattern) == \
+            (tok.ranks, tok.merges, tok.special_tokens, tok.pattern)
+
+
 def test_bpe_from_hf_tokenizer_json(tmp_path):
     # SmolLM2's tokenizer.json: a byte-level BPE with single digits split off first;
     # one is trained here with Hugging Face tokenizers, and its ids are the reference
@@ -1895,6 +1922,62 @@ def test_train_lora_fine_tunes_a_checkpoint(tiny_data, tiny_checkpoint, new_doma
     torch.save(c, changed)
     run = sample(tmp_path / "e")
     assert run.returncode != 0 and "is not the model the adapters were trained on" in run.stderr, run.stderr
+
+
+def test_export_to_hugging_face(tiny_data, tmp_path, gpt2):
+    # a checkpoint trained here, exported: transformers loads it with no code of ours
+    import transformers
+    transformers.logging.set_verbosity_error()
+    llama = ["--norm=rmsnorm", "--mlp=swiglu", "--pos=rope", "--bias=False", "--n_kv_head=1", "--tie_embeddings=False"]
+    gpt2_data = tmp_path / "gpt2data"
+    run = run_prepare(f"--data_dir={gpt2_data}", "--max_docs=20", "--tokenizer=gpt2")  # tiktoken's cache: the fixture
+    assert run.returncode == 0, run.stderr
+    texts = varied_texts(21) + ["a<|endoftext|>b <|endoftext|>", open(bpe.__file__).read()[:3000]]
+    for name, data, args in [("gpt2", tiny_data, ["--pos=learned"]), ("llama", tiny_data, llama),
+                             ("gpt2-tokenizer", gpt2_data, ["--pos=learned"])]:
+        run, _ = train(data, tmp_path / name, "--max_steps=3", "--eval_interval=3", *args)
+        assert run.returncode == 0, run.stderr
+        out = tmp_path / f"{name}-hf"
+        run = subprocess.run([sys.executable, "model.py", "export", str(tmp_path / name / "ckpt.pt"), str(out)],
+                             cwd=ROOT, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+        hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+        ckpt = model.load_checkpoint(str(tmp_path / name / "ckpt.pt"))
+        ours = model.model_from_checkpoint(ckpt).eval()
+        enc = bpe.load_tokenizer(ckpt["tokenizer"]["name"], files=ckpt["tokenizer"]["files"])
+        assert type(hf).__name__ == ("LlamaForCausalLM" if name == "llama" else "GPT2LMHeadModel")
+        for text in texts:  # the same ids: code, Unicode, special tokens
+            assert hf_tok(text)["input_ids"] == enc.encode(text, allowed_special="all"), (name, text[:40])
+        idx = torch.tensor([enc.encode_ordinary(texts[-1])[:32]])
+        with torch.no_grad():
+            assert (hf(idx).logits - ours(idx, all_logits=True)[0]).abs().max() <= 1e-4
+            assert torch.equal(GPT.from_pretrained(str(out)).eval()(idx, all_logits=True)[0],
+                               ours(idx, all_logits=True)[0])  # and back: a round trip
+            assert hf.generate(idx[:, :4], max_new_tokens=5, do_sample=False).shape == (1, 9)
+        assert "bits per byte" in (out / "README.md").read_text()
+        assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == enc.eot_token
+    assert (tmp_path / "gpt2-tokenizer-hf" / "merges.txt").exists()  # GPT-2's own files too
+    # a LoRA checkpoint exports merged
+    lora = tmp_path / "lora"
+    run, _ = train(tiny_data, lora, f"--init_from={tmp_path / 'llama' / 'ckpt.pt'}", "--lora_rank=2", "--max_steps=3",
+                   "--learning_rate=0.05", *llama)
+    assert run.returncode == 0, run.stderr
+    model.export_hf(str(lora / "ckpt.pt"), str(tmp_path / "lora-hf"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "lora-hf").eval()
+    ours = model.model_from_checkpoint(model.load_checkpoint(str(lora / "ckpt.pt"))).eval()
+    idx = torch.randint(0, 300, (2, 32))
+    with torch.no_grad():
+        assert (hf(idx).logits - ours(idx, all_logits=True)[0]).abs().max() <= 1e-4
+    # what cannot be exported, and an upload without a token: one line each
+    run, _ = train(tiny_data, tmp_path / "rope", "--max_steps=1")  # GPT-2 blocks with RoPE: no transformers class
+    for args, msg, env in [([str(tmp_path / "rope" / "ckpt.pt"), str(tmp_path / "x")], "with pos='rope'", None),
+                           ([str(tmp_path / "gpt2" / "ckpt.pt"), str(tmp_path / "y"), "--push_to=me/x"], "HF_TOKEN",
+                            {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}),
+                           ([str(tmp_path / "nothing.pt"), str(tmp_path / "z")], "no checkpoint at", None)]:
+        run = subprocess.run([sys.executable, "model.py", "export", *args], cwd=ROOT, capture_output=True, text=True,
+                             env=env)
+        assert run.returncode != 0 and msg in run.stderr and "Traceback" not in run.stderr, run.stderr
 
 
 def test_train_settings_are_checked(tiny_data, tmp_path, monkeypatch):
