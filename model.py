@@ -540,10 +540,6 @@ def check_shards(directory):
                              "short (on several nodes, out_dir must be on a filesystem that all of them share)")
 
 
-# torch.distributed.checkpoint warns whenever one process reads or writes alone; here that is meant
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-
-
 def read_shards(ckpt, state, no_dist=True):
     """Fills `state`, {"model": {name: tensor}, ...} as train.py saved it, in place from a
     sharded checkpoint, whatever the number of processes that wrote it: each tensor is put
@@ -551,7 +547,9 @@ def read_shards(ckpt, state, no_dist=True):
     no_dist: this process reads alone; else all processes of the run read together."""
     import torch.distributed.checkpoint as dcp
     try:
-        dcp.load(state, checkpoint_id=shards_dir(ckpt), no_dist=no_dist)
+        with warnings.catch_warnings():  # DCP warns whenever one process reads alone, which is meant here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=shards_dir(ckpt), no_dist=no_dist)
     except (dcp.CheckpointException, RuntimeError) as e:  # a name or shape the checkpoint lacks
         raise ValueError(f"{ckpt['path']}: its shards in {shards_dir(ckpt)} do not fit the model: "
                          f"{str(e).strip().splitlines()[-1]}") from None

@@ -331,7 +331,9 @@ def save_shards(path, m, optimizer, step, lora, master):
     if dist.is_initialized():
         dist.barrier()
     state = {"model": model_state(m, lora), "optimizer": get_optimizer_state_dict(m, optimizer)}
-    dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())  # returns once .metadata is written
+    with warnings.catch_warnings():  # DCP warns whenever one process writes alone, which is meant here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())  # returns once .metadata is written
     if master:
         model.check_shards(tmp)  # every process's file is there, whole (on several nodes: out_dir must be shared)
         shutil.rmtree(final, ignore_errors=True)  # an unfinished save of this step, which no ckpt.pt names
@@ -696,11 +698,7 @@ def main():
         # once in a while: log; under DDP, the processes also agree here on stopping for a signal
         if step % log_interval == 0 or step == max_steps or (stop["signal"] and not ddp):
             if ddp:
-                mean = torch.tensor(loss.item() / world, device=dev)
-                sig = torch.tensor(stop["received"] or 0, device=dev)
-                dist.all_reduce(mean)
-                dist.all_reduce(sig, op=dist.ReduceOp.MAX)  # the signal any process received
-                loss, stop["signal"] = mean, int(sig) or None
+                loss = agree(loss, stop, world, dev)
             dt, t0, logged = (time.time() - t0) / (step - logged), time.time(), step
             mfu = flops_per_step / dt / peak / world if peak else None
             log(f"step {step}/{max_steps} | loss {float(loss):.4f} | lr {lr:.2e} | norm {float(grad_norm):.3f} | "
@@ -714,6 +712,17 @@ def main():
         log(f"stopped by signal {stop['signal']} at step {step}; continue with --init_from=resume --out_dir={out_dir}")
         sys.exit(128 + stop["signal"])
     log(f"done: {step} steps; the checkpoint is {ckpt_path}")
+
+
+def agree(loss, stop, world, dev):
+    """Under torchrun, at a log line: the mean loss over the processes; and the signal that
+    any of them received becomes stop["signal"] on all, so that they stop, and save, at
+    the same step (under FSDP saving takes all of them)."""
+    mean, received = torch.tensor(loss.item() / world, device=dev), torch.tensor(stop["received"] or 0, device=dev)
+    dist.all_reduce(mean)
+    dist.all_reduce(received, op=dist.ReduceOp.MAX)
+    stop["signal"] = int(received) or None
+    return mean
 
 
 def write_log(log_file, row):
