@@ -605,9 +605,51 @@ def text_plot(points, xlabel, ylabel, width=60, height=16):
                       f"{'':8}{x0:<10.3f}{xlabel:^{width - 20}}{x1:>10.3f}", "```"])
 
 
+# -----------------------------------------------------------------------------
+# fsdp: peak memory per process under DDP and under FSDP, 2 processes on the CPU (gloo)
+
+
+def bench_fsdp(steps=3):
+    """The same training steps of a 170M-weight model (680 MB in fp32) on 2 processes: DDP
+    keeps all of its weights, gradients and AdamW state in each, FSDP half of them. Peak
+    memory is the largest max RSS of the processes, so it includes what every process has
+    anyway (Python, torch, data): a smaller model's run gives that floor."""
+    import model
+    with tempfile.TemporaryDirectory() as tmp:
+        note("fsdp: preparing a small dataset")
+        code, _ = run_script(["prepare.py", f"--data_dir={tmp}", "--max_docs=40", "--tokenizer=bpe:300"],
+                             os.path.join(tmp, "prepare.log"))
+        assert code == 0, open(os.path.join(tmp, "prepare.log")).read()[-2000:]
+        # 2 sequences of 256 tokens on each process: a step without accumulation, small activations
+        common = [f"--data_dir={tmp}", f"--max_steps={steps}", f"--eval_interval={steps}", "--eval_tokens=2048",
+                  "--block_size=256", "--micro_batch=2", "--total_batch_size=1024", "--device=cpu"]
+        big, floor = ["--n_layer=24", "--n_head=12", "--n_embd=768"], ["--n_layer=1", "--n_head=2", "--n_embd=64"]
+        rows = []
+        for i, (name, shape, parallel) in enumerate([("floor: 1 block, 64 wide", floor, "ddp"), ("DDP", big, "ddp"),
+                                                     ("FSDP", big, "fsdp")]):
+            note(f"fsdp: {steps} steps, {name}, 2 processes")
+            log = os.path.join(tmp, f"run{i}.log")
+            code, peak = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                                     *common, *shape, f"--parallel={parallel}", f"--out_dir={tmp}/run{i}"], log)
+            assert code == 0, open(log).read()[-2000:]
+            rows.append((name, peak))
+    cfg = model.GPTConfig(vocab_size=300, block_size=256, n_layer=24, n_head=12, n_embd=768, attn="sdpa")
+    with torch.device("meta"):
+        n = model.GPT(cfg).num_params()
+    header(f"Peak memory per process, 2 processes on the CPU: {n / 1e6:.0f}M weights ({n * 4 / 1e6:.0f} MB fp32), "
+           f"{steps} steps", {"torch": torch.__version__})
+    print("| run | peak memory per process | above the floor | vs DDP |")
+    print("|---|---:|---:|---:|")
+    floor_mb, ddp_mb = rows[0][1], rows[1][1]
+    for name, peak in rows:
+        above = peak - floor_mb
+        print(f"| {name} | {peak:,.0f} MB | {f'{above:,.0f} MB' if above else ''} | "
+              f"{f'**{above / (ddp_mb - floor_mb):.2f}x**' if above else ''} |")
+
+
 SECTIONS = {"tokenizer": bench_tokenizer, "prepare": bench_prepare, "train": bench_train, "model": bench_model,
-            "attention": bench_attention, "kernels": bench_kernels,
-            "sample": bench_sample}  # train first: its subprocess wants idle cores
+            "attention": bench_attention, "kernels": bench_kernels, "sample": bench_sample,
+            "fsdp": bench_fsdp}  # train first: its subprocess wants idle cores
 STUDIES = {"lora": bench_lora}  # longer experiments, run only when named: python bench.py lora
 
 if __name__ == "__main__":

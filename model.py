@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -499,35 +500,83 @@ def pick_dtype(dev, name=""):
 
 def load_checkpoint(path):
     """A checkpoint that train.py wrote (a dict: see train.save_checkpoint), on the CPU,
-    with "path" added: where it was read from."""
+    with "path" added: where it was read from. A sharded one (train.py's parallel="fsdp")
+    holds no weights itself but names its directory of shards, which is checked here to be
+    whole; model_from_checkpoint reads them."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         # weights_only=False: it also holds numpy's RNG state; only load checkpoints you trust
-        return dict(torch.load(path, map_location="cpu", weights_only=False), path=path)
+        ckpt = dict(torch.load(path, map_location="cpu", weights_only=False), path=path)
+        if "shards" in ckpt:
+            check_shards(shards_dir(ckpt))
+        return ckpt
     except Exception as e:  # torch raises many kinds for a cut-off or damaged file
         prev = os.path.join(os.path.dirname(path), "ckpt.prev.pt")
         fix = f"copy {prev}, the one before it, over it to go back one checkpoint, or " if os.path.exists(prev) else ""
-        raise ValueError(f"{path} is damaged or cut short and cannot be read ({type(e).__name__}); "
+        why = (str(e).strip().splitlines() or [""])[0][:300]  # one line: some errors hold a traceback
+        raise ValueError(f"{path} is damaged or cut short and cannot be read ({type(e).__name__}: {why}); "
                          f"{fix}start the run over") from None
 
 
-def model_from_checkpoint(ckpt):
+def shards_dir(ckpt):
+    """The directory of a sharded checkpoint's weights and optimizer state: beside ckpt.pt."""
+    return os.path.join(os.path.dirname(ckpt["path"]), ckpt["shards"])
+
+
+def check_shards(directory):
+    """Raises unless a directory of shards (torch.distributed.checkpoint's format) is whole:
+    its .metadata, which process 0 writes last, and every byte that it maps to the files
+    of the processes. Reads the metadata only, not the tensors."""
+    from torch.distributed.checkpoint import FileSystemReader
+    metadata = FileSystemReader(directory).read_metadata()
+    ends = {}
+    for item in metadata.storage_data.values():
+        ends[item.relative_path] = max(ends.get(item.relative_path, 0), item.offset + item.length)
+    for name, end in ends.items():
+        size = os.path.getsize(os.path.join(directory, name)) if os.path.exists(os.path.join(directory, name)) else 0
+        if size < end:
+            raise ValueError(f"{directory}/{name} holds {size} bytes of {end}: a process's shard is missing or cut "
+                             "short (on several nodes, out_dir must be on a filesystem that all of them share)")
+
+
+def read_shards(ckpt, state, no_dist=True):
+    """Fills `state`, {"model": {name: tensor}, ...} as train.py saved it, in place from a
+    sharded checkpoint, whatever the number of processes that wrote it: each tensor is put
+    together from the pieces in the files that hold them (a DTensor gets just its own shard).
+    no_dist: this process reads alone; else all processes of the run read together."""
+    import torch.distributed.checkpoint as dcp
+    try:
+        with warnings.catch_warnings():  # DCP warns whenever one process reads alone, which is meant here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=shards_dir(ckpt), no_dist=no_dist)
+    except (dcp.CheckpointException, RuntimeError) as e:  # a name or shape the checkpoint lacks
+        raise ValueError(f"{ckpt['path']}: its shards in {shards_dir(ckpt)} do not fit the model: "
+                         f"{str(e).strip().splitlines()[-1]}") from None
+    return state
+
+
+def model_from_checkpoint(ckpt, weights=True):
     """The model of a train.py checkpoint. A LoRA checkpoint holds only the adapters: its
     base is loaded again from where it names (a checkpoint file, a pretrained name or a
-    directory), checked to be the same weights, and the adapters go on top."""
+    directory), checked to be the same weights, and the adapters go on top. A sharded
+    checkpoint's weights are put together whole from its shards. weights=False leaves the
+    model (or its adapters) as initialised: train.py reads the shards once it has sharded it."""
     lora = ckpt.get("lora")
     if lora is None:
         model = GPT(GPTConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
+    else:
+        model = load_base(lora["base"])
+        if fingerprint(model) != lora["fingerprint"]:
+            raise ValueError(f"the LoRA base {lora['base']} is not the model the adapters were trained on "
+                             "(its weights changed); restore it, or train the adapters again")
+        add_lora(model, lora["rank"], lora["alpha"], lora["dropout"], lora["targets"], lora["variant"])
+    if not weights:
         return model
-    model = load_base(lora["base"])
-    if fingerprint(model) != lora["fingerprint"]:
-        raise ValueError(f"the LoRA base {lora['base']} is not the model the adapters were trained on "
-                         "(its weights changed); restore it, or train the adapters again")
-    add_lora(model, lora["rank"], lora["alpha"], lora["dropout"], lora["targets"], lora["variant"])
-    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    saved = ckpt["model"] if "shards" not in ckpt else read_shards(ckpt, {"model": {
+        k: t for k, t in model.state_dict().items() if lora is None or k in trainable}})["model"]
+    missing, unexpected = model.load_state_dict(saved, strict=lora is None)
     if unexpected or trainable & set(missing):
         raise ValueError(f"the checkpoint's adapters do not fit its LoRA settings: {(unexpected or missing)[:3]}")
     return model

@@ -60,7 +60,8 @@ def load():
                          f"--out_dir={out_dir}\nor sample a pretrained model: python sample.py --init_from=gpt2")
     ckpt = model.load_checkpoint(path)
     spec = ckpt["tokenizer"]  # a trained tokenizer travels inside the checkpoint
-    # LoRA adapters are merged into their base: the same logits, at the base's speed
+    # LoRA adapters are merged into their base: the same logits, at the base's speed; a
+    # sharded checkpoint (train.py's parallel="fsdp") is put together whole, here in one process
     m = model.merge_lora(model.model_from_checkpoint(ckpt))
     return m, bpe.load_tokenizer(spec["name"], files=spec["files"], where=path)
 

@@ -1755,20 +1755,119 @@ def test_train_resume_is_exact(tiny_data, tmp_path):
     assert loss(whole) == loss(both) and len(loss(both)) == 24  # exactly, step by step
 
 
-def test_train_ddp_matches_one_process(tiny_data, tmp_path):
-    # the same 256-token steps: 1 process accumulating 2 micro-batches, or 2 processes with 1 each
-    # eval_tokens=1000 is 31 sequences of 32: 16 and 15 on the two processes, the same val set
-    args = ["--max_steps=6", "--log_interval=1", "--eval_interval=3", "--device=cpu", "--eval_tokens=1000"]
-    run, one = train(tiny_data, tmp_path / "one", *args)
+def agree(a, b):
+    """Two runs' logs, step by step: losses within 1e-5 (relative), gradient norms within
+    1e-3 (summed in another order, a norm drifts more; one process's shards only would give
+    about 1/sqrt(2) of it)."""
+    assert len(a) == len(b) > 0 and [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        for key, rel in [("loss", 1e-5), ("val_loss", 1e-5), ("grad_norm", 1e-3)]:
+            if key in x:
+                assert abs(x[key] - y[key]) <= rel * abs(x[key]), (key, x, y)
+
+
+def val_loss(m, directory, eval_tokens):
+    """A model's loss on the val set that train.py evaluates, computed here in one process."""
+    import train as train_py
+    meta, enc = prepare.load_meta(directory)
+    val = train_py.val_sequences(directory, 32, eval_tokens // 32)  # TINY's block_size
+    n_bytes = torch.from_numpy(prepare.token_bytes(enc))
+    return train_py.evaluate(m, val, n_bytes, contextlib.nullcontext(), meta["eot_id"], 0, 1, False)[0]
+
+
+def test_train_shards_end_alike_on_any_number_of_processes(tiny_data):
+    # a step of 14 sequences: 2 micro-steps of 7 on one process, or one of 7 on each of two.
+    # A shard's 624 sequences hold 44 whole steps, and both move to the next shard after
+    # them (had one process taken 89 micro-steps, a step would straddle two shards)
+    import train as train_py
+    directory = str(tiny_data / "stdlib")
+    one = train_py.Shards(directory, "train", 7, 32, 0, 1, 0, per_step=14)
+    two = [train_py.Shards(directory, "train", 7, 32, rank, 2, 0, per_step=14) for rank in (0, 1)]
+    for step in range(200):  # across 4 shard ends
+        assert torch.equal(torch.cat([one.next()[0], one.next()[0]]), torch.cat([s.next()[0] for s in two])), step
+    assert one.state() == two[0].state() and one.state()["shard"] == 4
+
+
+def test_train_ddp_and_fsdp_match_one_process(tiny_data, tmp_path):
+    # the same 512-token steps: 1 process accumulating 4 micro-batches, or 2 processes with
+    # 2 each, holding whole copies of the model (DDP) or shards of it (FSDP); the gradient
+    # norm too, which FSDP takes over all shards. eval_tokens=1056 is 33 sequences of 32: 17
+    # and 16 on the two processes (5 and 4 micro-batches: FSDP runs an extra one on the
+    # second), the same val set. A constant learning rate (WSD without decay), so that the
+    # schedule does not depend on max_steps when resuming
+    args = ["--max_steps=8", "--total_batch_size=512", "--log_interval=1", "--eval_interval=4", "--device=cpu",
+            "--eval_tokens=1056", "--schedule=wsd", "--decay_frac=0.0", "--warmup_steps=0"]
+    logs = {}
+    for name, extra, n in [("one", [], 0), ("ddp", [], 2), ("fsdp", ["--parallel=fsdp"], 2)]:
+        run, logs[name] = train(tiny_data, tmp_path / name, *args, *extra, torchrun=n)
+        assert run.returncode == 0, run.stderr + run.stdout
+    assert len(logs["one"]) == 11  # 8 steps, 3 evaluations
+    agree(logs["one"], logs["ddp"])
+    agree(logs["one"], logs["fsdp"])
+    agree(logs["ddp"], logs["fsdp"])
+    # the sharded checkpoint: ckpt.pt names a directory with a file per process; the last
+    # two are kept. Put together in this one process, its weights give the val loss that
+    # the sharded run measured
+    out = tmp_path / "fsdp"
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.000004.dcp", "ckpt.000008.dcp", "ckpt.prev.pt", "ckpt.pt",
+                                                     "log.jsonl"]
+    assert sorted(p.name for p in (out / "ckpt.000008.dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    ckpt = model.load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["shards"] == "ckpt.000008.dcp" and "model" not in ckpt and "optimizer" not in ckpt
+    assert val_loss(model.model_from_checkpoint(ckpt), str(tiny_data / "stdlib"), 1056) == \
+        pytest.approx(logs["fsdp"][-1]["val_loss"], rel=1e-5)
+    # each run goes back one checkpoint (to step 4, as its ckpt.prev.pt says how) and continues
+    # on another number of processes, or the other way: the same steps 5 to 8
+    for name, n, extra in [("fsdp", 0, []), ("ddp", 2, ["--parallel=fsdp"])]:
+        back = tmp_path / f"{name}_back"
+        shutil.copytree(tmp_path / name, back)
+        shutil.copy(back / "ckpt.prev.pt", back / "ckpt.pt")
+        (back / "log.jsonl").unlink()
+        run, resumed = train(tiny_data, back, *args, "--init_from=resume", *extra, torchrun=n)
+        assert run.returncode == 0, run.stderr + run.stdout
+        agree(logs["one"][-6:], resumed)  # the evaluation at step 4, steps 5 to 8, and the one at step 8
+        assert (back / "ckpt.000008.dcp" / "__0_0.distcp").exists() and not (back / "ckpt.000008.dcp.tmp").exists()
+
+
+def test_train_fsdp_reduce_scatters_once_a_step(tmp_path):
+    # FSDP accumulates a step's gradients in each process and reduce-scatters them on the
+    # last micro-step only: 3 micro-steps make one reduce-scatter per sharded unit (2 blocks
+    # and the rest of the model), not 3 each. Counted under torchrun, at the dispatcher
+    script = tmp_path / "count.py"
+    script.write_text(f"""
+import collections, contextlib, sys
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+sys.path.insert(0, {str(ROOT)!r})
+import model, train
+
+class Count(TorchDispatchMode):  # every op that runs, by name
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {{}}))
+
+class Data:
+    def next(self):
+        x = torch.randint(0, 64, (2, 8))
+        return x, x
+
+train.parallel = "fsdp"
+ddp, rank, world, dev = train.setup_distributed()
+m = model.GPT(model.GPTConfig(vocab_size=64, block_size=8, n_layer=2, n_head=2, n_embd=16))
+_, train_model = train.parallelize(m, torch.float32, dev, ddp)
+with Count() as count:
+    train.train_step(train_model, m, train.make_optimizer(m, dev), torch.amp.GradScaler("cpu", enabled=False),
+                     Data(), 3, contextlib.nullcontext(), dev, 0)
+print("reduce-scatters:", sum(n for op, n in count.ops.items() if "reduce_scatter" in op))
+""")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    run, two = train(tiny_data, tmp_path / "two", *args, torchrun=2)
-    assert run.returncode == 0, run.stderr + run.stdout
-    for a, b in zip(one, two):
-        assert a["step"] == b["step"]
-        for key in ("loss", "val_loss"):
-            if key in a:
-                assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (key, a, b)
-    assert len(one) == len(two) > 6
+    assert run.stdout.count("reduce-scatters: 3\n") == 2, run.stdout
 
 
 def train_until(data, out, line_start, *args):
@@ -1803,6 +1902,34 @@ def test_train_signals_and_kills_lose_at_most_one_interval(tiny_data, tmp_path):
     assert [model.load_checkpoint(str(tmp_path / "b" / f))["step"] for f in ("ckpt.pt", "ckpt.prev.pt")] == [10, 5]
     run, logs = train(tiny_data, tmp_path / "b", "--max_steps=12", "--init_from=resume", "--eval_interval=5")
     assert run.returncode == 0 and "step 12: saved" in run.stdout and "done: 12 steps" in run.stdout, run.stderr
+
+
+def test_train_fsdp_checkpoints_survive_kills(tiny_data, tmp_path):
+    # kill -9 while a sharded checkpoint is written at every step (one process writes the
+    # sharded format too): ckpt.pt and ckpt.prev.pt still read whole, and sample.py samples
+    proc = train_until(tiny_data, tmp_path, "step 3: saved", "--parallel=fsdp", "--ckpt_interval=1",
+                       "--eval_interval=100000")
+    proc.kill()
+    proc.communicate(timeout=60)
+    ckpt, prev = (model.load_checkpoint(str(tmp_path / f)) for f in ("ckpt.pt", "ckpt.prev.pt"))
+    assert 3 <= ckpt["step"] and ckpt["step"] - 1 <= prev["step"] <= ckpt["step"]  # equal between two renames
+    assert sample(tmp_path, "--max_new_tokens=5").returncode == 0
+    # it resumes; what a save cut short leaves (a temp directory, a directory that no
+    # ckpt.pt names; here made by hand as well) is gone after the next save
+    (tmp_path / "ckpt.000099.dcp.tmp").mkdir()
+    (tmp_path / "ckpt.000098.dcp").mkdir()
+    step = ckpt["step"]
+    run, logs = train(tiny_data, tmp_path, f"--max_steps={step + 2}", "--init_from=resume", "--eval_interval=100000")
+    assert run.returncode == 0 and f"step {step + 2}: saved" in run.stdout, run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if ".dcp" in p.name) == [f"ckpt.{step + 1:06d}.dcp",
+                                                                              f"ckpt.{step + 2:06d}.dcp"]
+    # a shard cut short is found, and named, before anything reads it; ckpt.prev.pt is the way back
+    shard = tmp_path / f"ckpt.{step + 2:06d}.dcp" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"ckpt.pt is damaged or cut short .*__0_0.distcp holds .*ckpt.prev.pt"):
+        model.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    shutil.copy(tmp_path / "ckpt.prev.pt", tmp_path / "ckpt.pt")
+    assert model.model_from_checkpoint(model.load_checkpoint(str(tmp_path / "ckpt.pt"))).cfg.n_layer == 2
 
 
 def test_train_never_saves_a_poisoned_checkpoint(tiny_data, tmp_path):
@@ -1908,6 +2035,18 @@ def test_train_lora_fine_tunes_a_checkpoint(tiny_data, tiny_checkpoint, new_doma
     assert run.returncode == 0, run.stderr + run.stdout
     for a, b in zip([r for r in logs if r["step"] <= 4], two):
         assert a["step"] == b["step"] and all(abs(a[k] - b[k]) <= 1e-5 * abs(a[k]) for k in ("loss", "val_loss") if k in a)
+    # and under FSDP, the frozen base sharded with the adapters: the same; its sharded
+    # checkpoint holds the adapters only, and put together gives the loss the run measured
+    run, sharded = train(new_domain, tmp_path / "f", f"--init_from={base}", "--max_steps=4", *lora, "--parallel=fsdp",
+                         torchrun=2)
+    assert run.returncode == 0, run.stderr + run.stdout
+    agree(two, sharded)
+    ckpt = model.load_checkpoint(str(tmp_path / "f" / "ckpt.pt"))
+    from torch.distributed.checkpoint import FileSystemReader
+    saved = FileSystemReader(model.shards_dir(ckpt)).read_metadata().state_dict_metadata
+    assert {k.rsplit(".", 1)[1] for k in saved if k.startswith("model.")} == {"A", "B", "m"}
+    assert val_loss(model.model_from_checkpoint(ckpt), str(new_domain / "docs"), 1024) == \
+        pytest.approx(sharded[-1]["val_loss"], rel=1e-5)
     # sample.py loads the base, adds the adapters and merges them
     assert sample(tmp_path / "a", "--max_new_tokens=5").returncode == 0
     # errors: LoRA needs a trained model; a base that changed since is refused
@@ -1987,12 +2126,17 @@ def test_train_settings_are_checked(tiny_data, tmp_path, monkeypatch):
                             ("max_steps", -5, "1 or more"), ("total_batch_size", 100, "multiple of micro_batch"),
                             ("learning_rate", -1.0, "positive"), ("decay_frac", 1.5, "0 to 1"),
                             ("schedule", "linear", "cosine or wsd"), ("dtype", "bf32", "one of"),
-                            ("ckpt_interval", -1, "0 (at every evaluation)"), ("init_from", "gpt3", "scratch, resume")]:
+                            ("ckpt_interval", -1, "0 (at every evaluation)"), ("init_from", "gpt3", "scratch, resume"),
+                            ("parallel", "zero", "ddp or fsdp")]:
         with monkeypatch.context() as mp:
             mp.setattr(train_py, key, value)
             with pytest.raises(SystemExit, match=f"error: {key}={value!r}: it must be .*{regex.escape(msg)}"):
                 train_py.check_settings(1)
     train_py.check_settings(1)  # the defaults pass
+    with monkeypatch.context() as mp:  # FSDP has no fp16 loss scaling: GPUs without bf16 are told what to do
+        mp.setattr(train_py, "parallel", "fsdp")
+        with pytest.raises(SystemExit, match="parallel=fsdp trains in bf16 or fp32.*dtype=fp32"):
+            train_py.parallelize(tiny(), torch.float16, torch.device("cpu"), True)
     with pytest.raises(ValueError, match="no cuda device" if not CUDA else "CUDA devices"):
         model.pick_device("cuda:7" if CUDA else "cuda")
     with pytest.raises(ValueError, match="not a device"):

@@ -1,15 +1,17 @@
 """
-train.py: trains a GPT on prepare.py's shards, on a CPU, one GPU, or many (DDP).
+train.py: trains a GPT on prepare.py's shards, on a CPU, one GPU, or many (DDP or FSDP).
 
     python train.py                                   # the quickstart: a small model on data/stdlib
     python train.py config/tinystories.py --max_steps=2000
     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_small.py
+    torchrun --standalone --nproc_per_node=8 train.py config/smollm2_1.7b.py   # sharded: parallel="fsdp"
     python train.py --init_from=resume --out_dir=out/tinystories    # continue its ckpt.pt exactly
 
 Each step sees total_batch_size tokens: micro-batches of micro_batch sequences of
 block_size tokens on every process, accumulated until the step is full. Logs go to
 stdout and out_dir/log.jsonl; checkpoints to out_dir/ckpt.pt at every evaluation, at the
-end, and on Ctrl-C or SIGTERM (then the exit code is 128 + the signal: 130 or 143).
+end, and on Ctrl-C or SIGTERM (then the exit code is 128 + the signal: 130 or 143); under
+FSDP, ckpt.pt names a directory of shards beside it, one file per process.
 Read next: sample.py
 """
 import contextlib
@@ -20,14 +22,21 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import tempfile
 import time
+import warnings
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bpe
@@ -82,6 +91,7 @@ beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0
 # running
+parallel = "ddp"  # under torchrun: "ddp" (a whole copy of the model on every process) or "fsdp" (sharded: FSDP2)
 device = ""  # "" picks cuda, then mps, then cpu
 dtype = ""  # "" picks bf16 on CUDA (fp16 where bf16 is missing), fp32 elsewhere
 compile = None  # None: on CUDA only
@@ -96,7 +106,7 @@ max_bad_steps = 5  # non-finite losses in a row before training stops
 CHANGE_ON_RESUME = {"init_from", "out_dir", "data_dir", "overwrite", "max_steps", "learning_rate", "min_lr",
                     "warmup_steps", "schedule", "decay_frac", "weight_decay", "beta1", "beta2", "grad_clip",
                     "total_batch_size", "micro_batch", "attn", "device", "dtype", "compile", "eval_interval",
-                    "eval_tokens", "log_interval", "ckpt_interval", "max_bad_steps"}
+                    "eval_tokens", "log_interval", "ckpt_interval", "max_bad_steps", "parallel"}
 
 
 def check_settings(world):
@@ -116,6 +126,7 @@ def check_settings(world):
            ("beta1", beta1, 0 <= beta1 < 1, "0 to 1 (not 1)"), ("beta2", beta2, 0 <= beta2 < 1, "0 to 1 (not 1)"),
            ("grad_clip", grad_clip, grad_clip > 0, "a positive number"),
            ("dtype", dtype, dtype in ("", *model.DTYPES), f"one of {('', *model.DTYPES)}"),
+           ("parallel", parallel, parallel in ("ddp", "fsdp"), "ddp or fsdp"),
            ("eval_interval", eval_interval, eval_interval >= 1, "1 or more"),
            ("eval_tokens", eval_tokens, eval_tokens >= block_size, f"block_size ({block_size}) or more"),
            ("log_interval", log_interval, log_interval >= 1, "1 or more"),
@@ -143,29 +154,35 @@ class Shards:
     random order (seeded by seed, shard and pass), so that a step mixes text from all over
     the shard rather than one file of a sorted corpus; nothing is drawn twice in a pass.
     Every micro-step takes the next B * world sequences; process `rank` gets its B of them.
-    The position (shard, sequence, pass) goes into checkpoints; after the last shard the
-    next pass starts."""
+    A step's `per_step` sequences all come from one shard: the next shard starts when the
+    rest of this one cannot hold a whole step, so where a shard ends does not depend on how
+    steps are split into processes and micro-batches, and a run resumes exactly on another
+    number of processes. The position (shard, sequence, pass) goes into checkpoints; after
+    the last shard the next pass starts."""
 
-    def __init__(self, directory, split, B, T, rank, world, seed, shuffle=True, state=None):
+    def __init__(self, directory, split, B, T, rank, world, seed, per_step, shuffle=True, state=None):
         self.files = sorted(os.path.join(directory, f) for f in os.listdir(directory)
                             if f.startswith(split + "_") and f.endswith(".bin"))
         if not self.files:
             raise SystemExit(f"error: no {split}_*.bin shards in {directory}; run prepare.py first")
         self.B, self.T, self.rank, self.world, self.seed, self.shuffle = B, T, rank, world, seed, shuffle
+        self.per_step = per_step
         self.shard, self.pos, self.epoch = (state["shard"], state["pos"], state["epoch"]) if state else (0, 0, 0)
         self._load()
 
     def _load(self):
         self.tokens = prepare.read_shard(self.files[self.shard])
         n = (len(self.tokens) - 1) // self.T
-        if n < self.B * self.world:
-            raise SystemExit(f"error: {self.files[self.shard]} has {len(self.tokens)} tokens, fewer than one "
-                             f"micro-step needs ({self.B * self.world} x {self.T} + 1); lower micro_batch or block_size")
+        if n < self.per_step:
+            raise SystemExit(f"error: {self.files[self.shard]} has {len(self.tokens)} tokens, fewer than one step "
+                             f"needs ({self.per_step} x {self.T} + 1); lower total_batch_size or block_size")
         self.order = np.random.default_rng([self.seed, self.shard, self.epoch]).permutation(n) if self.shuffle \
             else np.arange(n)
 
     def next(self):
-        if self.pos + self.B * self.world > len(self.order):  # this shard is used up: the next one
+        # the next shard when the rest of this one cannot hold this micro-step or, as a step begins, the step
+        need = self.per_step if self.pos % self.per_step == 0 else self.B * self.world
+        if self.pos + need > len(self.order):
             self.shard, self.pos = (self.shard + 1) % len(self.files), 0
             self.epoch += self.shard == 0
             self._load()
@@ -231,6 +248,19 @@ def keep_freed_memory():
     libc.mallopt(-3, 2 ** 30)  # M_MMAP_THRESHOLD: serve blocks up to 1 GB from the heap
 
 
+def return_freed_memory():
+    """The opposite, for FSDP on a CPU, which is there to save memory: it gathers a block's
+    weights and frees them again, block after block, and glibc, which raises its threshold
+    for giving freed blocks back to the OS each time it sees a big one freed, ends up
+    keeping them all in a fragmented heap. A 170M-weight model peaked at 4.9 GB a process
+    on 2 processes, more than under DDP (4.4); with this fixed threshold, at 2.3 GB."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 2 ** 20)  # M_MMAP_THRESHOLD: blocks of 1 MB or more go back to the OS when freed
+
+
 def model_config(vocab_size, settings=None):
     """The GPTConfig of these settings (the globals, or a dict of them): the model settings
     above are GPTConfig's fields."""
@@ -247,17 +277,22 @@ def save_checkpoint(path, raw_model, optimizer, scaler, step, loader, loss, tok_
     `loss` (what these weights give on some val tokens) is not finite: that would replace
     the last good checkpoint with a poisoned one. Written whole to ckpt.new.pt, read back,
     then renamed over ckpt.pt, whose previous version stays as ckpt.prev.pt; so ckpt.pt
-    exists at every moment."""
-    if not math.isfinite(loss) or not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+    exists at every moment. Under parallel="fsdp" every process calls this and writes its
+    own shard of the weights and AdamW state into a directory (save_shards), and ckpt.pt,
+    still written last, holds the rest and names that directory."""
+    master = not dist.is_initialized() or dist.get_rank() == 0
+    if not healthy(raw_model, loss):
         return False
-    weights = raw_model.state_dict()
-    if lora is not None:  # the adapters only, and where the frozen base comes from
-        weights = {n: p.detach() for n, p in raw_model.named_parameters() if p.requires_grad}
-    ckpt = {"model": weights, "model_config": dataclasses.asdict(raw_model.cfg), "lora": lora,
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
-            "data": loader.state(), "settings": setting_names(globals()), "tokenizer": tok_spec,
+    ckpt = {"model_config": dataclasses.asdict(raw_model.cfg), "lora": lora, "scaler": scaler.state_dict(),
+            "step": step, "data": loader.state(), "settings": setting_names(globals()), "tokenizer": tok_spec,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+    if parallel == "fsdp":
+        ckpt["shards"] = save_shards(path, raw_model, optimizer, step, lora, master)
+        if not master:
+            return True
+    else:  # the adapters only under LoRA, and where the frozen base comes from
+        ckpt["model"], ckpt["optimizer"] = model_state(raw_model, lora), optimizer.state_dict()
     new, prev = path.replace(".pt", ".new.pt"), path.replace(".pt", ".prev.pt")
     with bpe.atomic_write(new, "wb") as f:
         torch.save(ckpt, f)
@@ -268,7 +303,67 @@ def save_checkpoint(path, raw_model, optimizer, scaler, step, loader, loss, tok_
         os.link(path, prev + ".tmp")
         os.replace(prev + ".tmp", prev)
     os.replace(new, path)
+    remove_stale_shards(path)
     return True
+
+
+def healthy(m, loss):
+    """Whether the weights and the probe loss are all finite. Under FSDP a process sees
+    only its own shard of each weight, so the processes vote: all must be."""
+    ok = math.isfinite(loss) and all(torch.isfinite(local(p)).all() for p in m.parameters())
+    if parallel == "fsdp" and dist.is_initialized():
+        vote = torch.tensor(float(ok), device=local(next(m.parameters())).device)
+        dist.all_reduce(vote, op=dist.ReduceOp.MIN)
+        ok = bool(vote)
+    return ok
+
+
+def local(t):
+    """This process's part of a tensor: its shard under FSDP (a DTensor), else all of it."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def model_state(m, lora):
+    """The weights a checkpoint keeps, by name (no compile prefixes; this process's shards
+    under FSDP): all of them, or under LoRA the adapters only."""
+    trained = {n for n, p in m.named_parameters() if p.requires_grad}
+    return {k: v for k, v in get_model_state_dict(m).items() if lora is None or k in trained}
+
+
+def save_shards(path, m, optimizer, step, lora, master):
+    """Writes the weights and AdamW state, sharded as the processes hold them, with
+    torch.distributed.checkpoint (DCP): each process writes its own file of its pieces, then
+    process 0 a .metadata file mapping every tensor's pieces to files and places, so that
+    any number of processes can read it back. Into ckpt.STEP.dcp.tmp/ first, renamed to
+    ckpt.STEP.dcp/ once all have written and every file is whole. Returns its name."""
+    name = f"ckpt.{step:06d}.dcp"
+    tmp, final = os.path.join(os.path.dirname(path), name + ".tmp"), os.path.join(os.path.dirname(path), name)
+    if master:  # a save cut short at this step before leaves its directory: start it afresh
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    if dist.is_initialized():
+        dist.barrier()
+    state = {"model": model_state(m, lora), "optimizer": get_optimizer_state_dict(m, optimizer)}
+    with warnings.catch_warnings():  # DCP warns whenever one process writes alone, which is meant here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())  # returns once .metadata is written
+    if master:
+        model.check_shards(tmp)  # every process's file is there, whole (on several nodes: out_dir must be shared)
+        shutil.rmtree(final, ignore_errors=True)  # an unfinished save of this step, which no ckpt.pt names
+        os.replace(tmp, final)
+    return name
+
+
+def remove_stale_shards(path):
+    """Deletes the shard directories beside path that neither it nor its .prev names: older
+    checkpoints, and saves that were cut short."""
+    out, keep = os.path.dirname(path), set()
+    for f in (path, path.replace(".pt", ".prev.pt")):
+        if os.path.exists(f):
+            keep.add(torch.load(f, map_location="cpu", weights_only=False, mmap=True).get("shards"))
+    for d in os.listdir(out):
+        if d.startswith("ckpt.") and d.endswith((".dcp", ".dcp.tmp")) and d not in keep:
+            shutil.rmtree(os.path.join(out, d), ignore_errors=True)
 
 
 def tokenizer_spec(directory, name):
@@ -311,6 +406,8 @@ def prepare_out_dir(resuming, master):
         for f in (ckpt_path, ckpt_path.replace(".pt", ".prev.pt"), log_path) if master else ():
             with contextlib.suppress(FileNotFoundError):
                 os.remove(f)
+        if master:
+            remove_stale_shards(ckpt_path)  # with no ckpt.pt left, every shard directory
 
 # -----------------------------------------------------------------------------
 # The steps of a run: setup, data, model and optimizer, evaluation, then the loop in main()
@@ -327,7 +424,9 @@ def setup_distributed():
     if ddp:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     torch.manual_seed(seed)
-    if dev.type == "cpu":
+    if dev.type == "cpu" and ddp and parallel == "fsdp":
+        return_freed_memory()
+    elif dev.type == "cpu":
         keep_freed_memory()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return ddp, rank, world, dev
@@ -360,8 +459,8 @@ def build_model(meta, ckpt, base_ckpt, dev):
     checkpoint, from scratch, or weights to fine-tune (a checkpoint file's, base_ckpt, or
     pretrained), maybe frozen under LoRA adapters."""
     lora = ckpt.get("lora") if ckpt else None
-    if ckpt is not None:
-        m = model.model_from_checkpoint(ckpt)
+    if ckpt is not None:  # a sharded checkpoint's weights are read once the model is sharded too (restore)
+        m = model.model_from_checkpoint(ckpt, weights="shards" not in ckpt)
     elif init_from == "scratch":
         m = GPT(model_config(meta["vocab_size"]))
     else:  # fine-tuning: the data must use the model's tokenizer
@@ -382,7 +481,10 @@ def build_model(meta, ckpt, base_ckpt, dev):
 
 def make_optimizer(m, dev):
     """AdamW, with weight decay on matrices only: not on norms and biases, nor (by default)
-    the embeddings."""
+    the embeddings. Under FSDP m's weights are shards (DTensors), and so is AdamW's state.
+    Muon, when it comes, goes here: it orthogonalizes each matrix's whole update, which
+    under FSDP no process holds (each has some of its rows), so it must gather them
+    (DTensor.full_tensor) or refuse parallel="fsdp" in check_settings."""
     decay, no_decay = [], []
     for name, p in m.named_parameters():
         if p.requires_grad:  # under LoRA, the adapters only
@@ -400,9 +502,52 @@ def mixed_precision(dev):
     return amp, autocast, torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
 
 
-def restore(ckpt, optimizer, scaler):
-    """The optimizer, the loss scaler and every RNG as they were at the checkpoint."""
-    optimizer.load_state_dict(ckpt["optimizer"])
+def parallelize(m, amp, dev, ddp):
+    """(fast_model, train_model): m compiled (by default on CUDA), and under torchrun
+    wrapped for data parallelism. DDP keeps a whole copy of the model, its gradients and
+    AdamW's state on every process: 16 bytes a weight. FSDP (parallel="fsdp", FSDP2's
+    fully_shard) shards all three across the processes, so each holds 1/world of them:
+    every block, and then the rest of the model, gathers its weights just before it runs
+    and frees them after, and reduce-scatters its gradients (averages them and keeps its own
+    shard). m itself is sharded in place; compiled per block, so the gathers stay outside."""
+    compiled = dev.type == "cuda" if compile is None else compile
+    if not (ddp and parallel == "fsdp"):
+        fast = torch.compile(m) if compiled else m
+        return fast, DDP(fast, device_ids=[dev.index] if dev.type == "cuda" else None) if ddp else fast
+    if amp == torch.float16:
+        raise SystemExit("error: parallel=fsdp trains in bf16 or fp32, and this GPU has no bf16: use dtype=fp32 "
+                         "or parallel=ddp (which runs fp16 with a loss scaler)")
+    # bf16 copies of the weights are gathered and computed with; gradients are reduced in
+    # fp32; the sharded weights and AdamW's state stay fp32. Off (fp32) on CPU
+    policy = MixedPrecisionPolicy(param_dtype=None if amp == torch.float32 else amp, reduce_dtype=torch.float32)
+    for block in m.blocks:
+        if compiled:
+            block.compile()  # in place: the weight names stay as they are
+        fully_shard(block, mp_policy=policy)
+    fully_shard(m, mp_policy=policy)  # the rest: embeddings, final norm, output head
+    # FSDP warns that the model returns a view (its logits); nothing modifies them in place
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
+    return m, m
+
+
+def restore(ckpt, m, optimizer, scaler, lora):
+    """The optimizer, the loss scaler and every RNG as they were at the checkpoint, and a
+    sharded checkpoint's weights: whatever the number of processes then and now, and
+    whether sharded then or now."""
+    if "shards" in ckpt:  # each process reads the pieces it holds now from the files that have them
+        state = {"model": model_state(m, lora), "optimizer": get_optimizer_state_dict(m, optimizer)}
+        model.read_shards(ckpt, state, no_dist=not dist.is_initialized())
+        # the tensors were filled in place; this also restores what is not one (AdamW's settings)
+        set_model_state_dict(m, state["model"], options=StateDictOptions(strict=lora is None))
+        set_optimizer_state_dict(m, optimizer, state["optimizer"])
+    elif isinstance(m, FSDPModule):  # a whole checkpoint into a sharded model, whose weights it already holds
+        saved, names = ckpt["optimizer"], {p: n for n, p in m.named_parameters()}
+        order = [names[p] for group in optimizer.param_groups for p in group["params"]]  # the saved numbering
+        by_name = {"state": {order[i]: s for i, s in saved["state"].items()},
+                   "param_groups": [dict(g, params=[order[i] for i in g["params"]]) for g in saved["param_groups"]]}
+        set_optimizer_state_dict(m, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
     rng = ckpt["rng"]
     torch.set_rng_state(rng["torch"])
@@ -412,7 +557,19 @@ def restore(ckpt, optimizer, scaler):
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def train_step(train_model, raw_model, optimizer, scaler, data, accum, autocast, dev, ddp, eot):
+def grad_sync(train_model, on):
+    """Whether this micro-step's backward shares the gradients across processes: only the
+    last of a step needs to; the others accumulate them locally, saving the traffic (DDP's
+    all-reduce, FSDP's reduce-scatter). FSDP then holds a whole fp32 gradient until the
+    last micro-step: 4 bytes a weight."""
+    if isinstance(train_model, FSDPModule):
+        train_model.set_requires_gradient_sync(on)
+    elif isinstance(train_model, DDP) and not on:
+        return train_model.no_sync()
+    return contextlib.nullcontext()
+
+
+def train_step(train_model, raw_model, optimizer, scaler, data, accum, autocast, dev, eot):
     """One step: gradients accumulated over `accum` micro-batches, clipped, then one update,
     skipped when the gradient is not finite. Returns the step's mean loss (a tensor, so
     that the GPU need not wait for it), the gradient norm, and whether it updated."""
@@ -420,15 +577,15 @@ def train_step(train_model, raw_model, optimizer, scaler, data, accum, autocast,
     for micro in range(accum):
         x, y = data.next()
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-        # gradients are averaged across processes only after the last micro-step
-        sync = train_model.no_sync() if ddp and micro < accum - 1 else contextlib.nullcontext()
-        with sync, autocast:
+        with grad_sync(train_model, micro == accum - 1), autocast:
             _, loss = train_model(x, y, doc_starts=(x == eot) if doc_mask else None)
             loss = loss / accum  # so the step's gradient is the mean over all its micro-batches
         scaler.scale(loss).backward()
         loss_sum += loss.detach()
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+    if isinstance(grad_norm, DTensor):  # FSDP: the shards' squares were summed across processes: the global norm
+        grad_norm = grad_norm.full_tensor()
     ok = bool(torch.isfinite(grad_norm)) or scaler.is_enabled()  # with fp16, the scaler skips such steps itself
     if ok:
         scaler.step(optimizer)
@@ -440,18 +597,22 @@ def train_step(train_model, raw_model, optimizer, scaler, data, accum, autocast,
 @torch.no_grad()
 def evaluate(m, val, n_bytes, autocast, eot, rank, world, ddp):
     """Mean val loss and bits per byte over the fixed val set, split across processes:
-    process `rank` takes every world-th sequence. m must not be DDP-wrapped: processes
-    may run different numbers of micro-batches."""
+    process `rank` takes every world-th sequence. m must not be DDP-wrapped: DDP would
+    sync on a forward that not all processes run. Under FSDP every forward gathers weights
+    from all processes, so all run as many: one with fewer sequences runs an extra batch
+    that it does not count."""
     m.eval()
     dev = n_bytes.device
     total = torch.zeros(3, dtype=torch.float64, device=dev)  # nats, target tokens, bytes
     mine = torch.from_numpy(val[rank::world])
-    for i in range(0, len(mine), micro_batch):
-        x, y = mine[i:i + micro_batch, :-1].to(dev), mine[i:i + micro_batch, 1:].to(dev)
+    for i in range(0, len(val[0::world]), micro_batch):  # process 0 has the most
+        batch = mine[i:i + micro_batch] if i < len(mine) else torch.from_numpy(val[:1])
+        x, y = batch[:, :-1].to(dev), batch[:, 1:].to(dev)
         with autocast:
             _, loss = m(x, y, doc_starts=(x == eot) if doc_mask else None)
-        total += torch.stack([loss.double() * y.numel(), torch.tensor(float(y.numel()), device=dev),
-                              n_bytes[y].sum().double()])
+        if i < len(mine):  # not the extra batch, which only keeps the processes in step
+            total += torch.stack([loss.double() * y.numel(), torch.tensor(float(y.numel()), device=dev),
+                                  n_bytes[y].sum().double()])
     if ddp:
         dist.all_reduce(total)
     m.train()
@@ -482,30 +643,30 @@ def main():
         return
     prepare_out_dir(ckpt is not None, master)
 
-    # the model, its optimizer and precision; compiled on CUDA, wrapped in DDP under torchrun
+    # the model, its precision and optimizer; compiled on CUDA, wrapped in DDP or sharded (FSDP) under torchrun
     raw_model, lora = build_model(meta, ckpt, base_ckpt, dev)
     trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters ({trainable / 1e6:.3f}M trained), {raw_model.cfg}")
-    optimizer = make_optimizer(raw_model, dev)
     amp, autocast, scaler = mixed_precision(dev)
+    fast_model, train_model = parallelize(raw_model, amp, dev, ddp)
+    optimizer = make_optimizer(raw_model, dev)
     if ckpt is not None:
-        restore(ckpt, optimizer, scaler)
-    fast_model = torch.compile(raw_model) if (dev.type == "cuda" if compile is None else compile) else raw_model
-    train_model = DDP(fast_model, device_ids=[dev.index] if dev.type == "cuda" else None) if ddp else fast_model
+        restore(ckpt, raw_model, optimizer, scaler, lora)
 
     # the data: training shards, the fixed val set, and each token's bytes for bits per byte
     accum = total_batch_size // (micro_batch * block_size * world)
     train_data = Shards(directory, "train", micro_batch, block_size, rank, world, seed,
-                        state=ckpt["data"] if ckpt else None)
+                        total_batch_size // block_size, state=ckpt["data"] if ckpt else None)
     val = val_sequences(directory, block_size, eval_tokens // block_size)
     n_bytes = torch.from_numpy(prepare.token_bytes(enc)).to(dev)
     eot = meta["eot_id"]
     log(f"val: {val.size - len(val):,} tokens; gzip -9 on their text: {gzip_bpb(val, enc, eot):.4f} bits per byte")
 
-    # Ctrl-C and SIGTERM: finish the step, save a checkpoint, exit
-    stop = {"signal": None}
+    # Ctrl-C and SIGTERM: finish the step, save a checkpoint, exit; under torchrun, at the
+    # step where all processes know of it (the next log line), as saving may be collective
+    stop = {"signal": None, "received": None}
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
+        signal.signal(sig, lambda signum, frame: stop.update({"received" if ddp else "signal": signum}))
 
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     log_file = open(os.path.join(out_dir, "log.jsonl"), "a" if ckpt else "w") if master else None
@@ -523,8 +684,10 @@ def main():
             log(f"step {step}: val loss {val_loss:.4f}, val bits per byte {val_bpb:.4f}")
             write_log(log_file, {"step": step, "val_loss": val_loss, "val_bpb": val_bpb})
             t0, logged = time.time(), step  # evaluation time is not training time
-        # at every evaluation (or every ckpt_interval steps), at the end and on a signal: a checkpoint
-        if master and step > start and (step % (ckpt_interval or eval_interval) == 0 or last_step or stop["signal"]):
+        # at every evaluation (or every ckpt_interval steps), at the end and on a signal: a checkpoint,
+        # by process 0 (under FSDP by all: each writes its shard)
+        if step > start and (step % (ckpt_interval or eval_interval) == 0 or last_step or stop["signal"]) and \
+                (master or parallel == "fsdp"):
             with torch.no_grad(), autocast:  # the loss these weights give, as a health check
                 probe = torch.from_numpy(val[:micro_batch]).to(dev)
                 probe_loss = float(fast_model(probe[:, :-1], probe[:, 1:])[1])
@@ -539,7 +702,7 @@ def main():
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss, grad_norm, ok = train_step(train_model, raw_model, optimizer, scaler, train_data, accum, autocast, dev,
-                                         ddp, eot)
+                                         eot)
         bad_steps = 0 if ok else bad_steps + 1
         if not ok:
             log(f"step {step}: the gradient is not finite (loss {loss.item()}); update skipped")
@@ -551,9 +714,7 @@ def main():
         # once in a while: log; under DDP, the processes also agree here on stopping for a signal
         if step % log_interval == 0 or step == max_steps or (stop["signal"] and not ddp):
             if ddp:
-                flags = torch.tensor([loss.item(), float(stop["signal"] or 0)], device=dev)
-                dist.all_reduce(flags)
-                loss, stop["signal"] = flags[0] / world, int(flags[1]) or None
+                loss = agree(loss, stop, world, dev)
             dt, t0, logged = (time.time() - t0) / (step - logged), time.time(), step
             mfu = flops_per_step / dt / peak / world if peak else None
             log(f"step {step}/{max_steps} | loss {float(loss):.4f} | lr {lr:.2e} | norm {float(grad_norm):.3f} | "
@@ -567,6 +728,17 @@ def main():
         log(f"stopped by signal {stop['signal']} at step {step}; continue with --init_from=resume --out_dir={out_dir}")
         sys.exit(128 + stop["signal"])
     log(f"done: {step} steps; the checkpoint is {ckpt_path}")
+
+
+def agree(loss, stop, world, dev):
+    """Under torchrun, at a log line: the mean loss over the processes; and the signal that
+    any of them received becomes stop["signal"] on all, so that they stop, and save, at
+    the same step (under FSDP saving takes all of them)."""
+    mean, received = torch.tensor(loss.item() / world, device=dev), torch.tensor(stop["received"] or 0, device=dev)
+    dist.all_reduce(mean)
+    dist.all_reduce(received, op=dist.ReduceOp.MAX)
+    stop["signal"] = int(received) or None
+    return mean
 
 
 def write_log(log_file, row):
