@@ -2073,7 +2073,8 @@ def test_export_to_hugging_face(tiny_data, tmp_path, gpt2):
     assert run.returncode == 0, run.stderr
     texts = varied_texts(21) + ["a<|endoftext|>b <|endoftext|>", open(bpe.__file__).read()[:3000]]
     for name, data, args in [("gpt2", tiny_data, ["--pos=learned"]), ("llama", tiny_data, llama),
-                             ("gpt2-tokenizer", gpt2_data, ["--pos=learned"])]:
+                             ("gpt2-tokenizer", gpt2_data, ["--pos=learned"]),
+                             ("sharded", tiny_data, ["--pos=learned", "--parallel=fsdp"])]:  # put together whole
         run, _ = train(data, tmp_path / name, "--max_steps=3", "--eval_interval=3", *args)
         assert run.returncode == 0, run.stderr
         out = tmp_path / f"{name}-hf"
@@ -2086,6 +2087,7 @@ def test_export_to_hugging_face(tiny_data, tmp_path, gpt2):
         ours = model.model_from_checkpoint(ckpt).eval()
         enc = bpe.load_tokenizer(ckpt["tokenizer"]["name"], files=ckpt["tokenizer"]["files"])
         assert type(hf).__name__ == ("LlamaForCausalLM" if name == "llama" else "GPT2LMHeadModel")
+        assert ("shards" in ckpt) == (name == "sharded")
         for text in texts:  # the same ids: code, Unicode, special tokens
             assert hf_tok(text)["input_ids"] == enc.encode(text, allowed_special="all"), (name, text[:40])
         idx = torch.tensor([enc.encode_ordinary(texts[-1])[:32]])
