@@ -228,27 +228,34 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         dw = torch.zeros_like(weight, dtype=torch.float32) if grads else None  # accumulated in fp32
         loss = torch.zeros((), device=x.device)
         with torch.autocast(device, enabled=False):  # the dtypes are explicit here
-            for i in range(0, len(x), chunk):
-                xc, t = x[i:i + chunk].to(dt), targets[i:i + chunk]
-                keep = (t >= 0).unsqueeze(1)  # (c, 1): this token has a target
-                t = t.clamp(min=0).unsqueeze(1)  # (c, 1); skipped tokens count 0 below
-                logits = (xc @ w.T).float()  # (c, Vp): the only vocabulary-sized tensor
-                logits[:, vocab_size:] = float("-inf")  # padding: zero probability, as in the plain path
-                logp = torch.log_softmax(logits, dim=1)  # (c, Vp)
-                loss -= (logp.gather(1, t) * keep).sum()
-                if not grads:
-                    continue
-                g = logp.exp_()  # the softmax, in place
-                g.scatter_add_(1, t, -torch.ones_like(t, dtype=g.dtype))  # minus onehot: d loss_sum / d logits
-                g = g.to(dt)
-                dx[i:i + chunk] = (g @ w) * keep  # skipped tokens get no gradient
-                if dw.dtype == dt:
-                    dw.addmm_(g.T, xc * keep)  # in place: no (Vp, C) temporary
-                else:  # a bf16 or fp16 matmul, accumulated in fp32
-                    dw += (g.T @ (xc * keep)).float()
+            for i in range(0, len(x), chunk):  # a call a chunk: its (c, Vp) tensors are freed as it returns
+                loss += ChunkedCrossEntropy.one_chunk(x[i:i + chunk].to(dt), w, targets[i:i + chunk], vocab_size,
+                                                      dx[i:i + chunk] if grads else None, dw)
         n = (targets >= 0).sum()  # the loss is the mean over the tokens that have targets
         ctx.save_for_backward(dx, dw, n)
         return loss / n
+
+    @staticmethod
+    def one_chunk(x, w, t, vocab_size, dx, dw):
+        """The summed loss of c tokens, x: (c, C), t: (c,); with dx (c, C) given, their
+        gradients go into dx and are added into dw (Vp, C)."""
+        keep = (t >= 0).unsqueeze(1)  # (c, 1): this token has a target
+        t = t.clamp(min=0).unsqueeze(1)  # (c, 1); skipped tokens count 0 below
+        logits = (x @ w.T).float()  # (c, Vp): the only vocabulary-sized tensors are this and logp
+        logits[:, vocab_size:] = float("-inf")  # padding: zero probability, as in the plain path
+        logp = torch.log_softmax(logits, dim=1)
+        loss = -(logp.gather(1, t) * keep).sum()
+        if dx is None:
+            return loss
+        g = logp.exp_()  # the softmax, in place
+        g.scatter_add_(1, t, -torch.ones_like(t, dtype=g.dtype))  # minus onehot: d loss / d logits
+        g = g.to(x.dtype)
+        dx.copy_((g @ w) * keep)  # skipped tokens get no gradient
+        if dw.dtype == x.dtype:
+            dw.addmm_(g.T, x * keep)  # in place: no (Vp, C) temporary
+        else:  # a bf16 or fp16 matmul, accumulated in fp32
+            dw += (g.T @ (x * keep)).float()
+        return loss
 
     @staticmethod
     def backward(ctx, grad):
