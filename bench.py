@@ -16,6 +16,8 @@ import json
 import os
 import pathlib
 import platform
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -455,6 +457,123 @@ def bench_train(config=None, steps=30):
 
 
 # -----------------------------------------------------------------------------
+# memory: a training step's peak memory and time with the plain loss, the chunked loss
+# (loss_chunk), and the chunked loss with activation checkpointing
+
+
+def memory_variants(chunk):
+    return {"plain": dict(loss_chunk=0, activation_checkpointing=False),
+            f"chunked loss, {chunk} tokens a chunk": dict(loss_chunk=chunk, activation_checkpointing=False),
+            "chunked loss + activation checkpointing": dict(loss_chunk=chunk, activation_checkpointing=True)}
+
+
+def training_step(cfg, batch, device):
+    """A model of cfg (a dict of GPTConfig fields) and a function that runs one training step
+    of it: forward and backward, with bf16 autocast on CUDA as train.py."""
+    import model
+    torch.manual_seed(0)
+    m = model.GPT(model.GPTConfig(**cfg)).to(device)
+    idx = torch.randint(0, m.cfg.vocab_size, (batch, m.cfg.block_size), device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+
+    def step():
+        with autocast:
+            loss = m(idx, idx)[1]
+        loss.backward()
+        m.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return m, step
+
+
+def peak_mb(fn, device):
+    """The peak memory of fn() in MB above what was in use before it: the CUDA allocator's
+    count, or on a CPU the process's resident memory (Linux's VmHWM, its high-water mark,
+    restarted through /proc/self/clear_refs)."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    def kb(key):
+        return int(re.search(rf"{key}:\s+(\d+) kB", pathlib.Path("/proc/self/status").read_text())[1])
+    pathlib.Path("/proc/self/clear_refs").write_text("5")
+    base = kb("VmRSS")
+    fn()
+    return (kb("VmHWM") - base) / 1024
+
+
+def memory_peak(cfg, batch, keep_freed):
+    """One training step's peak memory in MB. Run in a fresh process: one whose allocator
+    already holds freed memory would reuse it and show a lower peak."""
+    import train
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if keep_freed and device == "cpu":
+        train.keep_freed_memory()
+    return peak_mb(training_step(cfg, batch, device)[1], device)
+
+
+def memory_times(cfg, batch, variants, repeat):
+    """Seconds of a training step in each variant (GPTConfig fields to set), alternating,
+    best of `repeat`, after one step each to warm up. Run in its own process, with
+    train.py's keep_freed_memory on a CPU, which must not change the other sections."""
+    import train
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        train.keep_freed_memory()
+    m, step = training_step(cfg, batch, device)
+
+    def run(variant):
+        def fn():
+            for key, value in variant.items():
+                setattr(m.cfg, key, value)
+            step()
+        return fn
+    fns = [run(v) for v in variants]
+    for fn in fns:
+        fn()
+    return best_of(*fns, repeat=repeat)
+
+
+def in_fresh_process(fn, *args):
+    """fn(*args), a function of this file with JSON arguments and result, in a new process."""
+    code = f"import json, sys, bench; print(json.dumps(bench.{fn.__name__}(*json.loads(sys.argv[1]))))"
+    run = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True,
+                         cwd=pathlib.Path(__file__).resolve().parent)
+    if run.returncode:
+        raise RuntimeError(f"{fn.__name__} failed: {run.stderr.strip()[-1000:]}")
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+def bench_memory(chunk=1024):
+    import model
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    qs, name = quickstart()
+    gpt2 = model.GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
+    shapes = [(f"the quickstart: {name}", qs, train_settings()["micro_batch"], 3),
+              ("GPT-2 124M: 12 layers, 768 wide, vocab 50257", gpt2, 8, 2)]
+    rows = []
+    for name, cfg, batch, repeat in shapes:
+        variants = memory_variants(chunk)
+        note(f"memory: {name}, {batch} x {cfg.block_size}: step times, alternating, best of {repeat}")
+        times = in_fresh_process(memory_times, dataclasses.asdict(cfg), batch, list(variants.values()), repeat)
+        for (label, variant), t in zip(variants.items(), times):
+            run = dataclasses.asdict(dataclasses.replace(cfg, **variant))
+            note(f"memory: {name}, {label}: peaks, each in a fresh process")
+            # the loss alone: the model without blocks (embedding, final norm, head, loss)
+            loss = [in_fresh_process(memory_peak, dict(run, n_layer=0), batch, keep) for keep in (True, False)]
+            step = [in_fresh_process(memory_peak, run, batch, keep) for keep in (True, False)]
+            rows.append((name, f"{batch} x {cfg.block_size}", label, loss, step, t, times[0]))
+    header(f"Training memory: the loss and a training step (forward + backward), {device}, "
+           f"{'bf16 autocast' if device == 'cuda' else 'fp32'}", {"torch": torch.__version__})
+    print("| model | batch x seq | variant | loss peak MB | step peak MB | step time | vs plain |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for name, shape, label, loss, step, t, plain in rows:
+        mb = lambda pair: " / ".join(f"{x:,.0f}" for x in pair)  # noqa: E731
+        print(f"| {name} | {shape} | {label} | {mb(loss)} | {mb(step)} | {t * 1e3:,.0f} ms | **{plain / t:.2f}x** |")
+
+
+# -----------------------------------------------------------------------------
 # sample: generation with the KV cache against recomputing the whole context every step
 
 
@@ -649,7 +768,7 @@ def bench_fsdp(steps=3):
 
 SECTIONS = {"tokenizer": bench_tokenizer, "prepare": bench_prepare, "train": bench_train, "model": bench_model,
             "attention": bench_attention, "kernels": bench_kernels, "sample": bench_sample,
-            "fsdp": bench_fsdp}  # train first: its subprocess wants idle cores
+            "memory": bench_memory, "fsdp": bench_fsdp}  # train first: its subprocess wants idle cores
 STUDIES = {"lora": bench_lora}  # longer experiments, run only when named: python bench.py lora
 
 if __name__ == "__main__":

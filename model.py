@@ -20,11 +20,12 @@ import json
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import bpe  # atomic writes
 import prepare  # the downloader, for from_pretrained(name)
@@ -47,6 +48,9 @@ class GPTConfig:
     bias: bool = True  # biases in the linear layers and LayerNorms
     tie_embeddings: bool = True  # the output head is the token embedding
     attn: str = "auto"  # "flash" (flash.py), "sdpa" (torch), or "auto": flash on CUDA, sdpa elsewhere
+    # how training runs, not what it computes (checkpoints carry them; train.py sets them from its settings):
+    loss_chunk: int = 0  # tokens per chunk through the output head + loss (ChunkedCrossEntropy); 0: all at once
+    activation_checkpointing: bool = False  # keep only each block's input, recompute the rest in the backward
 
     def __post_init__(self):
         self.n_kv_head = self.n_kv_head or self.n_head
@@ -60,6 +64,8 @@ class GPTConfig:
                              f"and n_kv_head={self.n_kv_head} must divide n_head")
         if self.pos == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head size, got {self.head_dim}")
+        if not (isinstance(self.loss_chunk, int) and self.loss_chunk >= 0):
+            raise ValueError(f"GPTConfig.loss_chunk={self.loss_chunk!r}: tokens per chunk, 0 (all at once) or more")
 
     @property
     def head_dim(self):
@@ -197,6 +203,71 @@ class KVCache:
         return self.k[layer][:, :end], self.v[layer][:, :end]
 
 # -----------------------------------------------------------------------------
+# The loss, a chunk of tokens at a time
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """cross_entropy(x @ weight.T, targets) without ever holding all the logits. For GPT-2
+    at 8 x 1024 tokens those are 8192 x 50304 floats, 1.6 GB, and the plain path (in
+    GPT.forward, the reference) keeps three such: the logits, their log-softmax and its
+    gradient. Here the forward takes `chunk` tokens at a time and, since the loss's
+    gradient with respect to the logits is softmax - onehot(target), computes their
+    gradients on the spot, while the chunk's logits are at hand:
+
+        dx[chunk] = (softmax - onehot) @ weight        dweight += (softmax - onehot).T @ x[chunk]
+
+    The backward only scales dx and dweight. The matmuls are the plain path's three, and
+    the peak is one chunk's logits plus dx and dweight, the sizes of x and weight: O(chunk
+    x vocab), not O(tokens x vocab). As Liger Kernel's fused linear cross-entropy (2024)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, vocab_size, chunk):
+        # x: (N, C) hidden states; weight: (Vp, C), the padded vocabulary; targets: (N,), -1 to skip
+        device = x.device.type
+        dt = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype  # autocast's choice
+        grads = any(ctx.needs_input_grad[:2])  # not under no_grad (evaluation)
+        w = weight.to(dt)
+        dx = torch.empty_like(x) if grads else None
+        dw = torch.zeros_like(weight, dtype=torch.float32) if grads else None  # accumulated in fp32
+        loss = torch.zeros((), device=x.device)
+        with torch.autocast(device, enabled=False):  # the dtypes are explicit here
+            for i in range(0, len(x), chunk):  # a call a chunk: its (c, Vp) tensors are freed as it returns
+                loss += ChunkedCrossEntropy.one_chunk(x[i:i + chunk].to(dt), w, targets[i:i + chunk], vocab_size,
+                                                      dx[i:i + chunk] if grads else None, dw)
+        n = (targets >= 0).sum()  # the loss is the mean over the tokens that have targets
+        ctx.save_for_backward(dx, dw, n)
+        return loss / n
+
+    @staticmethod
+    def one_chunk(x, w, t, vocab_size, dx, dw):
+        """The summed loss of c tokens, x: (c, C), t: (c,); with dx (c, C) given, their
+        gradients go into dx and are added into dw (Vp, C)."""
+        keep = (t >= 0).unsqueeze(1)  # (c, 1): this token has a target
+        t = t.clamp(min=0).unsqueeze(1)  # (c, 1); skipped tokens count 0 below
+        logits = (x @ w.T).float()  # (c, Vp): the only vocabulary-sized tensors are this and logp
+        logits[:, vocab_size:] = float("-inf")  # padding: zero probability, as in the plain path
+        logp = torch.log_softmax(logits, dim=1)
+        loss = -(logp.gather(1, t) * keep).sum()
+        if dx is None:
+            return loss
+        g = logp.exp_()  # the softmax, in place
+        g.scatter_add_(1, t, -torch.ones_like(t, dtype=g.dtype))  # minus onehot: d loss / d logits
+        g = g.to(x.dtype)
+        dx.copy_((g @ w) * keep)  # skipped tokens get no gradient
+        if dw.dtype == x.dtype:
+            dw.addmm_(g.T, x * keep)  # in place: no (Vp, C) temporary
+        else:  # a bf16 or fp16 matmul, accumulated in fp32
+            dw += (g.T @ (x * keep)).float()
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        dx, dw, n = ctx.saved_tensors
+        scale = grad / n
+        return dx * scale, dw * scale, None, None, None  # autograd casts dw to the weight's dtype
+
+
+# -----------------------------------------------------------------------------
 # The model
 
 
@@ -241,7 +312,8 @@ class GPT(nn.Module):
         """idx, targets: (B, T) ids; the loss skips targets of -1. doc_starts: (B, T) bool,
         True where a document starts (at its end-of-text token), to keep packed documents
         apart. cache: a KVCache for generation. Returns (logits, loss); without targets,
-        logits only for the last position unless all_logits."""
+        logits only for the last position unless all_logits; with targets and
+        cfg.loss_chunk, no logits (None): the loss is computed a chunk of tokens at a time."""
         cfg, (B, T) = self.cfg, idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > cfg.block_size:
@@ -264,13 +336,22 @@ class GPT(nn.Module):
             x = x + self.wpe(pos)
         rope = (self.rope_cos[pos], self.rope_sin[pos]) if cfg.pos == "rope" else None
         for block in self.blocks:
-            x = block(x, rope, docs, cache)
+            if cfg.activation_checkpointing and torch.is_grad_enabled() and cache is None:
+                # only the block's input is kept for the backward, which runs the block again
+                # to get the rest: about a third more compute for a fraction of the memory
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, docs, None, use_reentrant=False)
+            else:
+                x = block(x, rope, docs, cache)
         if cache is not None:
             cache.pos += T
         x = self.norm_f(x)
+        head = self.lm_head.weight if self.lm_head is not None else self.wte.weight  # (Vp, C)
+        if targets is not None and cfg.loss_chunk:  # the logits never exist whole; none are returned
+            loss = ChunkedCrossEntropy.apply(x.flatten(0, 1), head, targets.flatten(), cfg.vocab_size, cfg.loss_chunk)
+            return None, loss
         if targets is None and not all_logits:
             x = x[:, -1:]  # generation needs only the next token's distribution
-        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.wte.weight)
+        logits = F.linear(x, head)  # (B, T, Vp)
         if cfg.padded_vocab > cfg.vocab_size:
             logits[..., cfg.vocab_size:] = float("-inf")  # padding: zero probability, in the loss too
         loss = None
@@ -579,6 +660,16 @@ def model_from_checkpoint(ckpt, weights=True):
     missing, unexpected = model.load_state_dict(saved, strict=lora is None)
     if unexpected or trainable & set(missing):
         raise ValueError(f"the checkpoint's adapters do not fit its LoRA settings: {(unexpected or missing)[:3]}")
+    return model
+
+
+def run_with(model, **options):
+    """Sets how a model runs, not what it computes (GPTConfig's attn, loss_chunk,
+    activation_checkpointing), checked as a new GPTConfig would be. Every module holds
+    the one model.cfg, so they all see the change."""
+    replace(model.cfg, **options)
+    for key, value in options.items():
+        setattr(model.cfg, key, value)
     return model
 
 

@@ -1257,6 +1257,106 @@ def test_model_loss_init_and_flops():
     assert fresh.flops_per_token(32) == 6 * matmul + 12 * 4 * 4 * 32 * 32
 
 
+def loss_and_grads(m, idx, targets, doc_starts=None, **settings):
+    """The loss and every parameter's gradient with these GPTConfig settings (loss_chunk,
+    activation_checkpointing). The loss is scaled before the backward, as gradient
+    accumulation does: the backward must pass the scale on."""
+    for key, value in settings.items():
+        setattr(m.cfg, key, value)
+    m.zero_grad(set_to_none=True)
+    _, loss = m(idx, targets, doc_starts=doc_starts)
+    (loss * 0.37).backward()
+    return loss.detach(), {name.removeprefix("_orig_mod."): p.grad for name, p in m.named_parameters()}
+
+
+def assert_close(got, expect, rtol):
+    """Each gradient within rtol of its largest entry; padded rows included (both zero)."""
+    for name in expect:
+        err = (got[name] - expect[name]).abs().max() / expect[name].abs().max()
+        assert err <= rtol, (name, float(err))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])  # tied and untied output heads
+def test_model_chunked_loss_equals_plain(kind):
+    m = tiny(kind).train()  # vocab 1000, padded to 1024
+    head = m.wte.weight if kind == "gpt2" else m.lm_head.weight
+    with torch.no_grad():
+        head[1000:] = 3.0  # padded rows that would take much of the probability if they were not masked
+    idx, targets = torch.randint(0, 1000, (3, 40)), torch.randint(0, 1000, (3, 40))
+    targets[0, 3:30], targets[2, -1] = -1, -1  # skipped
+    loss, grads = loss_and_grads(m, idx, targets, loss_chunk=0)  # the plain path: the reference
+    for chunk in (1, 7, 64, 120, 500):  # 120 tokens: uneven chunks, one chunk, a chunk longer than all
+        got_loss, got = loss_and_grads(m, idx, targets, loss_chunk=chunk)
+        assert abs(got_loss - loss) <= 1e-6 * loss, (chunk, float(got_loss - loss))
+        assert_close(got, grads, 1e-5)
+        assert float(got["wte.weight"][1000:].abs().max()) == 0.0  # padded rows get no gradient
+    with torch.no_grad():  # evaluation: the loss alone
+        assert abs(m(idx, targets)[1] - loss) <= 1e-6 * loss
+    # bf16 autocast (CUDA's training precision; here on the CPU): the matmuls in bf16 as the
+    # plain path's, the softmax and the weight's gradient sums in fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = loss_and_grads(m, idx, targets, loss_chunk=0)
+        got_loss, got = loss_and_grads(m, idx, targets, loss_chunk=32)
+    assert abs(got_loss - loss) <= 1e-3 * loss
+    assert_close(got, grads, 2e-2)
+    with pytest.raises(ValueError, match="loss_chunk=-1"):
+        GPTConfig(loss_chunk=-1)
+
+
+class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the most elements of any tensor that any operation makes."""
+    most = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        sizes = [t.numel() for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        self.most = max([self.most, *sizes])
+        return out
+
+
+def test_model_chunked_loss_never_holds_all_logits():
+    m = tiny("gpt2").train()  # vocab padded to 1024, 64 wide
+    idx = torch.randint(0, 1000, (4, 64))  # 256 tokens: all their logits are 256 x 1024
+    for chunk, most in [(0, 256 * 1024), (100, 100 * 1024), (32, 64 * 1024)]:  # 32: the head's gradient, 1024 x 64
+        with LargestTensor() as seen:
+            loss_and_grads(m, idx, idx, loss_chunk=chunk)
+        assert seen.most == most, (chunk, seen.most)
+
+
+def test_model_activation_checkpointing():
+    m = tiny("llama").train()
+    idx = torch.randint(0, 1000, (2, 64))
+    starts = torch.rand(2, 64) < 0.1  # packed documents: the blocks' other inputs are recomputed too
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        loss, grads = loss_and_grads(m, idx, idx, starts, activation_checkpointing=False, loss_chunk=16)
+        plain = sum(saved)
+        saved.clear()
+        got_loss, got = loss_and_grads(m, idx, idx, starts, activation_checkpointing=True)
+    assert got_loss == loss
+    assert_close(got, grads, 1e-6)
+    # what autograd keeps is now only outside the blocks: the final norm's input, output and
+    # statistics, and the chunked loss's gradients (of x: 2 x 64 x 64, of the head: 1024 x 64);
+    # checkpoint itself holds each block's input, which is alive anyway as the previous block's output
+    assert sum(saved) <= 6 * 2 * 64 * 64 + 1024 * 64 + 1000 < plain / 5, (sum(saved), plain)
+    # generation (no gradients, a KV cache) runs as before
+    prompt = torch.randint(0, 1000, (2, 5))
+    out = m.generate(prompt, 10, temperature=0)
+    m.cfg.activation_checkpointing = False
+    assert torch.equal(out, m.generate(prompt, 10, temperature=0))
+
+
+def test_model_chunked_loss_and_checkpointing_compile():
+    m = tiny("gpt2").train()
+    idx, targets = torch.randint(0, 1000, (2, 32)), torch.randint(0, 1000, (2, 32))
+    targets[1, :9] = -1
+    loss, grads = loss_and_grads(m, idx, targets)
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)  # dynamo and AOT autograd, no C++ build
+    got_loss, got = loss_and_grads(compiled, idx, targets, loss_chunk=24, activation_checkpointing=True)
+    assert abs(got_loss - loss) <= 1e-6 * loss
+    assert_close(got, grads, 1e-5)
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_model_kv_cache_matches_recompute(kind):
     m = tiny(kind)
@@ -2129,7 +2229,8 @@ def test_train_settings_are_checked(tiny_data, tmp_path, monkeypatch):
                             ("learning_rate", -1.0, "positive"), ("decay_frac", 1.5, "0 to 1"),
                             ("schedule", "linear", "cosine or wsd"), ("dtype", "bf32", "one of"),
                             ("ckpt_interval", -1, "0 (at every evaluation)"), ("init_from", "gpt3", "scratch, resume"),
-                            ("parallel", "zero", "ddp or fsdp")]:
+                            ("parallel", "zero", "ddp or fsdp"),
+                            ("loss_chunk", -1, "0 (all tokens at once) or more")]:
         with monkeypatch.context() as mp:
             mp.setattr(train_py, key, value)
             with pytest.raises(SystemExit, match=f"error: {key}={value!r}: it must be .*{regex.escape(msg)}"):
@@ -2146,12 +2247,31 @@ def test_train_settings_are_checked(tiny_data, tmp_path, monkeypatch):
     (tmp_path / "file").write_text("")
     for args, msg in [(["--micro_batch=0"], "micro_batch=0: it must be 1 or more"),
                       (["--compile=no"], "'compile' in the command line must be True, False or None"),
+                      (["--activation_checkpointing=maybe"], "'activation_checkpointing' in the command line must be a bool"),
                       (["--device", "cpu", "--device=cuda:99"], "device='cuda:99'"),
                       ([f"--out_dir={tmp_path / 'file' / 'run'}"], "cannot be written"),
                       (["--dataset=stdlb"], "did you mean 'stdlib'?")]:
         run = subprocess.run([sys.executable, "train.py", f"--data_dir={tiny_data}", *TINY, *args], cwd=ROOT,
                              capture_output=True, text=True)
         assert run.returncode != 0 and msg in run.stderr and "Traceback" not in run.stderr, (args, run.stderr)
+
+
+def test_train_memory_settings_change_only_memory(tiny_data, tmp_path):
+    # the chunked loss and activation checkpointing train the same model, step for step
+    args = ["--max_steps=4", "--log_interval=1", "--eval_interval=2"]
+    run, plain = train(tiny_data, tmp_path / "a", *args, "--loss_chunk=0", "--activation_checkpointing=False")
+    assert run.returncode == 0, run.stderr
+    run, lean = train(tiny_data, tmp_path / "b", *args, "--loss_chunk=50", "--activation_checkpointing")
+    assert run.returncode == 0 and "loss_chunk=50, activation_checkpointing=True)" in run.stdout, run.stderr
+    assert [r["step"] for r in plain] == [r["step"] for r in lean] and len(plain) == 7
+    for a, b in zip(plain, lean):
+        for key in ("loss", "val_loss"):
+            if key in a:
+                assert abs(a[key] - b[key]) <= 1e-5 * a[key], (key, a, b)
+    # they may change on resume, and the resumed model runs with the new ones
+    run, _ = train(tiny_data, tmp_path / "b", "--init_from=resume", "--max_steps=5", "--loss_chunk=0",
+                   "--activation_checkpointing=False")
+    assert run.returncode == 0 and "loss_chunk=0, activation_checkpointing=False)" in run.stdout, run.stderr
 
 
 def test_train_errors(tiny_data, tmp_path):

@@ -75,6 +75,9 @@ lora_alpha = 16.0  # the update is scaled by alpha / rank (rslora: alpha / sqrt(
 lora_dropout = 0.0
 lora_targets = "attn,mlp"  # which linear layers of every block: qkv, attn_proj, fc, mlp_proj; attn, mlp
 lora_variant = "lora"  # "lora", "rslora" or "dora"
+# memory (GPTConfig too; measured in `python bench.py memory`)
+loss_chunk = 0  # tokens at a time through the output head and loss, which then never hold all the logits; 0: all
+activation_checkpointing = False  # recompute each block in the backward: a third more compute, far less memory
 # batch: total_batch_size tokens a step = micro_batch * block_size * processes * accumulation
 total_batch_size = 8192
 micro_batch = 8
@@ -102,11 +105,14 @@ ckpt_interval = 0  # steps between checkpoints; 0: at every evaluation
 seed = 1337
 max_bad_steps = 5  # non-finite losses in a row before training stops
 
+# model settings that change how the model runs, not what it computes: a resumed run or a
+# fine-tuned pretrained model takes them from the settings
+RUN_OPTIONS = ("attn", "loss_chunk", "activation_checkpointing")
 # settings that may differ from the checkpoint's when resuming; every other one must match it
 CHANGE_ON_RESUME = {"init_from", "out_dir", "data_dir", "overwrite", "max_steps", "learning_rate", "min_lr",
                     "warmup_steps", "schedule", "decay_frac", "weight_decay", "beta1", "beta2", "grad_clip",
-                    "total_batch_size", "micro_batch", "attn", "device", "dtype", "compile", "eval_interval",
-                    "eval_tokens", "log_interval", "ckpt_interval", "max_bad_steps", "parallel"}
+                    "total_batch_size", "micro_batch", "device", "dtype", "compile", "eval_interval",
+                    "eval_tokens", "log_interval", "ckpt_interval", "max_bad_steps", "parallel", *RUN_OPTIONS}
 
 
 def check_settings(world):
@@ -117,6 +123,7 @@ def check_settings(world):
             total_batch_size % max(1, micro_batch * block_size * world) == 0,
             f"a positive multiple of micro_batch * block_size * processes = {micro_batch} * {block_size} * {world}"),
            ("max_steps", max_steps, max_steps >= 1, "1 or more"),
+           ("loss_chunk", loss_chunk, loss_chunk >= 0, "0 (all tokens at once) or more tokens per chunk"),
            ("warmup_steps", warmup_steps, warmup_steps >= 0, "0 or more"),
            ("learning_rate", learning_rate, 0 < learning_rate < math.inf, "a positive number"),
            ("min_lr", min_lr, 0 <= min_lr <= learning_rate, f"0 to learning_rate ({learning_rate})"),
@@ -465,12 +472,13 @@ def build_model(meta, ckpt, base_ckpt, dev):
         m = GPT(model_config(meta["vocab_size"]))
     else:  # fine-tuning: the data must use the model's tokenizer
         m = model.merge_lora(model.model_from_checkpoint(base_ckpt)) if base_ckpt \
-            else GPT.from_pretrained(init_from, attn=attn)
+            else GPT.from_pretrained(init_from)
         if lora_rank:
             base = os.path.abspath(init_from) if os.path.exists(init_from) else init_from
             lora = {"base": base, "fingerprint": model.fingerprint(m), "rank": lora_rank, "alpha": lora_alpha,
                     "dropout": lora_dropout, "targets": lora_targets, "variant": lora_variant}
             model.add_lora(m, lora_rank, lora_alpha, lora_dropout, lora_targets, lora_variant)
+    model.run_with(m, **{k: globals()[k] for k in RUN_OPTIONS})  # these come from the settings, always
     if meta["vocab_size"] > m.cfg.vocab_size:
         raise SystemExit(f"error: the data has {meta['vocab_size']} tokens, the model {m.cfg.vocab_size}: "
                          "prepare the data with the model's tokenizer")
