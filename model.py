@@ -42,12 +42,16 @@ class GPTConfig:
     mlp_hidden: int = 0  # 0 means 4 * n_embd
     norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (Llama)
     norm_eps: float = 1e-5
-    mlp: str = "gelu"  # "gelu" (GPT-2's tanh approximation) or "swiglu" (Llama)
+    mlp: str = "gelu"  # "gelu" (GPT-2's tanh approximation), "swiglu" (Llama) or "relu2" (relu(x)^2, So et al. 2021)
     pos: str = "learned"  # "learned" (GPT-2) or "rope" (Llama)
     rope_theta: float = 10000.0
     bias: bool = True  # biases in the linear layers and LayerNorms
     tie_embeddings: bool = True  # the output head is the token embedding
     attn: str = "auto"  # "flash" (flash.py), "sdpa" (torch), or "auto": flash on CUDA, sdpa elsewhere
+    # from the NanoGPT speedrun (off by default: GPT-2 and Llama have none of them)
+    qk_norm: bool = False  # RMS-normalize each head's queries and keys: attention logits stay bounded
+    logit_softcap: float = 0.0  # the output logits as cap * tanh(logits / cap); 0: off
+    zero_init_proj: bool = False  # the projections into the residual stream start at zero: each block starts as identity
     # how training runs, not what it computes (checkpoints carry them; train.py sets them from its settings):
     loss_chunk: int = 0  # tokens per chunk through the output head + loss (ChunkedCrossEntropy); 0: all at once
     activation_checkpointing: bool = False  # keep only each block's input, recompute the rest in the backward
@@ -55,7 +59,7 @@ class GPTConfig:
     def __post_init__(self):
         self.n_kv_head = self.n_kv_head or self.n_head
         self.mlp_hidden = self.mlp_hidden or 4 * self.n_embd
-        for key, choices in [("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "swiglu")),
+        for key, choices in [("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "swiglu", "relu2")),
                              ("pos", ("learned", "rope")), ("attn", ("auto", "flash", "sdpa"))]:
             if getattr(self, key) not in choices:
                 raise ValueError(f"GPTConfig.{key}={getattr(self, key)!r}: choose one of {choices}")
@@ -66,6 +70,11 @@ class GPTConfig:
             raise ValueError(f"RoPE needs an even head size, got {self.head_dim}")
         if not (isinstance(self.loss_chunk, int) and self.loss_chunk >= 0):
             raise ValueError(f"GPTConfig.loss_chunk={self.loss_chunk!r}: tokens per chunk, 0 (all at once) or more")
+        if not self.logit_softcap >= 0:
+            raise ValueError(f"GPTConfig.logit_softcap={self.logit_softcap!r}: 0 (off) or a positive cap")
+        if self.logit_softcap and self.loss_chunk:
+            raise ValueError("GPTConfig.logit_softcap with loss_chunk: the chunked loss has no soft-capping; "
+                             "set loss_chunk=0")
 
     @property
     def head_dim(self):
@@ -125,6 +134,8 @@ class Attention(nn.Module):
         H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         q, k, v = self.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
         q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+        if cfg.qk_norm:  # before RoPE, which keeps norms
+            q, k = F.rms_norm(q, (D,)), F.rms_norm(k, (D,))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:  # keys and values of earlier positions come from the cache
@@ -161,7 +172,7 @@ def attend(q, k, v, docs, attn):
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.swiglu = cfg.mlp == "swiglu"
+        self.swiglu, self.relu2 = cfg.mlp == "swiglu", cfg.mlp == "relu2"
         # SwiGLU (Shazeer 2020) keeps two projections, gate and up, in one matmul
         self.fc = nn.Linear(cfg.n_embd, cfg.mlp_hidden * (2 if self.swiglu else 1), bias=cfg.bias)
         self.proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
@@ -171,7 +182,7 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             return self.proj(F.silu(gate) * up)
-        return self.proj(F.gelu(h, approximate="tanh"))
+        return self.proj(F.relu(h).square() if self.relu2 else F.gelu(h, approximate="tanh"))
 
 
 class Block(nn.Module):
@@ -287,7 +298,9 @@ class GPT(nn.Module):
         # GPT-2's init: N(0, 0.02), and the projections that add into the residual stream
         # scaled by 1/sqrt(2 * n_layer), so the stream's variance does not grow with depth
         for name, p in self.named_parameters():
-            if name.endswith("proj.weight"):
+            if name.endswith("proj.weight") and cfg.zero_init_proj:
+                nn.init.zeros_(p)
+            elif name.endswith("proj.weight"):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
             elif p.dim() == 2:
                 nn.init.normal_(p, std=0.02)
@@ -352,6 +365,8 @@ class GPT(nn.Module):
         if targets is None and not all_logits:
             x = x[:, -1:]  # generation needs only the next token's distribution
         logits = F.linear(x, head)  # (B, T, Vp)
+        if cfg.logit_softcap:  # smoothly bounded to (-cap, cap)
+            logits = cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
         if cfg.padded_vocab > cfg.vocab_size:
             logits[..., cfg.vocab_size:] = float("-inf")  # padding: zero probability, in the loss too
         loss = None
@@ -739,6 +754,7 @@ def config_to_hf(cfg, eot_id=None):
     clash = [f"{k}={getattr(cfg, k)!r}" for k, v in family.items() if getattr(cfg, k) != v]
     if kind == "gpt2" and cfg.n_kv_head != cfg.n_head:
         clash.append(f"n_kv_head={cfg.n_kv_head} (GPT-2 has no grouped-query attention)")
+    clash += [f"{k}={getattr(cfg, k)!r} (neither class has it)" for k in ("qk_norm", "logit_softcap") if getattr(cfg, k)]
     if clash:
         raise ValueError(f"no transformers class has norm={cfg.norm!r} with {', '.join(clash)}: for "
                          f"{HF_CLASS[kind]}, set {', '.join(f'{k}={v!r}' for k, v in family.items())}")

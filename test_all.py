@@ -11,6 +11,7 @@ Tests that need CUDA skip with a reason on CPU; everything else runs in CI.
 
 import collections
 import contextlib
+import copy
 import dataclasses
 import gzip
 import hashlib
@@ -1590,9 +1591,53 @@ def test_model_export_refuses_what_transformers_cannot_express():
     for kw, msg in [(dict(pos="rope"), "norm='layernorm' with pos='rope'"),
                     (dict(n_kv_head=2), "n_kv_head=2 (GPT-2 has no grouped-query attention)"),
                     (dict(norm="rmsnorm"), "norm='rmsnorm' with mlp='gelu', pos='learned', bias=True"),
-                    (dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=True), "bias=True")]:
+                    (dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=True), "bias=True"),
+                    (dict(mlp="relu2"), "mlp='relu2'"), (dict(qk_norm=True), "qk_norm=True (neither class has it)"),
+                    (dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, logit_softcap=15.0),
+                     "logit_softcap=15.0")]:
         with pytest.raises(ValueError, match=regex.escape(msg)):
             model.config_to_hf(GPTConfig(vocab_size=100, block_size=8, n_layer=1, n_head=4, n_embd=32, **kw))
+    # zero_init_proj changes only the initial weights: a model trained with it exports
+    assert model.config_to_hf(GPTConfig(vocab_size=100, block_size=8, n_layer=1, n_head=4, n_embd=32,
+                                        zero_init_proj=True))["model_type"] == "gpt2"
+
+
+def test_model_speedrun_options():
+    # the NanoGPT speedrun's architecture options, each against what it claims to compute
+    torch.manual_seed(0)
+    x, idx = torch.randn(2, 16, 64), torch.randint(0, 1000, (2, 16))
+    m = tiny("gpt2", mlp="relu2")  # relu(x)^2 in the MLP
+    mlp = m.blocks[0].mlp
+    assert torch.allclose(mlp(x), mlp.proj(F.relu(mlp.fc(x)) ** 2))
+    # QK-norm: queries and keys normalized per head, so scaling their weights changes nothing;
+    # without it, it does
+    for qk_norm in (True, False):
+        attn = tiny(qk_norm=qk_norm).blocks[0].attn
+        rope = model.rope_tables(attn.cfg)
+        rope = (rope[0][:16], rope[1][:16])
+        y = attn(x, rope, None, None)
+        with torch.no_grad():
+            attn.qkv.weight[:attn.cfg.n_embd + 2 * 16] *= 3.0  # the query heads (64) and key heads (2 x 16)
+        assert torch.allclose(attn(x, rope, None, None), y, atol=1e-5) == qk_norm
+    # soft-capping: cap * tanh(logits / cap) of the same model's plain logits, in the loss too
+    plain, capped = tiny(), tiny(logit_softcap=2.0)
+    capped.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        logits, loss = capped(idx, idx)
+        ref = 2.0 * torch.tanh(plain(idx, all_logits=True)[0] / 2.0)
+        assert torch.allclose(logits, ref, atol=1e-6) and logits.abs().max() < 2.0
+        assert torch.allclose(loss, F.cross_entropy(ref.flatten(0, 1), idx.flatten()), atol=1e-6)
+    with pytest.raises(ValueError, match="logit_softcap with loss_chunk"):
+        GPTConfig(logit_softcap=30.0, loss_chunk=1024)
+    with pytest.raises(ValueError, match="logit_softcap=-1.0"):
+        GPTConfig(logit_softcap=-1.0)
+    # zero-init projections: every block starts as the identity, and still learns
+    cfg = dict(vocab_size=1000, block_size=64, n_head=4, n_embd=64, attn="sdpa")
+    m, blockless = GPT(GPTConfig(n_layer=2, zero_init_proj=True, **cfg)), GPT(GPTConfig(n_layer=0, **cfg))
+    blockless.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("blocks.")})
+    assert torch.equal(m(idx, all_logits=True)[0], blockless(idx, all_logits=True)[0])
+    m(idx, idx)[1].backward()
+    assert all(m.blocks[i].attn.proj.weight.grad.abs().sum() > 0 for i in range(2))
 
 
 def test_model_runs_without_triton():
@@ -1842,9 +1887,11 @@ def test_train_lowers_val_loss(tiny_data, tmp_path):
     assert not any(k.startswith(("_orig_mod", "module.")) for k in ckpt["model"])
 
 
-def test_train_resume_is_exact(tiny_data, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_train_resume_is_exact(tiny_data, tmp_path, optimizer):
     # a constant learning rate (WSD without decay), so the schedule does not depend on max_steps
-    args = ["--schedule=wsd", "--decay_frac=0.0", "--warmup_steps=0", "--log_interval=1", "--eval_interval=1000"]
+    args = ["--schedule=wsd", "--decay_frac=0.0", "--warmup_steps=0", "--log_interval=1", "--eval_interval=1000",
+            f"--optimizer={optimizer}"]
     run, whole = train(tiny_data, tmp_path / "a", "--max_steps=24", *args)
     assert run.returncode == 0, run.stderr
     run, first = train(tiny_data, tmp_path / "b", "--max_steps=12", *args)
@@ -1927,6 +1974,79 @@ def test_train_ddp_and_fsdp_match_one_process(tiny_data, tmp_path):
         assert run.returncode == 0, run.stderr + run.stdout
         agree(logs["one"][-6:], resumed)  # the evaluation at step 4, steps 5 to 8, and the one at step 8
         assert (back / "ckpt.000008.dcp" / "__0_0.distcp").exists() and not (back / "ckpt.000008.dcp.tmp").exists()
+
+
+def test_muon_orthogonalizes():
+    # the Newton-Schulz iteration takes every singular value of a random matrix, wide, tall
+    # or square, from a 100-fold spread to near 1 (Muon's coefficients aim at 0.7 to 1.2)
+    import train as train_py
+    torch.manual_seed(0)
+    for shape in [(64, 256), (256, 64), (128, 128), (96, 32)]:
+        k = min(shape)
+        u, v = torch.linalg.qr(torch.randn(shape[0], k))[0], torch.linalg.qr(torch.randn(shape[1], k))[0]
+        g = u @ torch.diag(torch.logspace(-1, 1, k)) @ v.T  # singular values from 1/10 to 10
+        s = torch.linalg.svdvals(train_py.orthogonalize(g))
+        assert 0.6 < s.min() and s.max() < 1.25, (shape, s.min(), s.max())
+    g = torch.randn(64, 128)
+    assert train_py.orthogonalize(g).dtype == torch.float32 and train_py.orthogonalize(g.double()).dtype == torch.float64
+
+
+def test_muon_steps(monkeypatch):
+    # the AdamW half of Muon equals torch's AdamW (weight decay, bias correction), and the
+    # Muon half moves each matrix by lr * an orthogonalized Nesterov momentum
+    import train as train_py
+    monkeypatch.setattr(train_py, "optimizer", "muon")
+    torch.manual_seed(0)
+    m = tiny()
+    ref = copy.deepcopy(m)
+    opt = train_py.make_optimizer(m, torch.device("cpu"))
+    names = {p: n for n, p in m.named_parameters()}
+    hidden = [names[p] for g in opt.param_groups if g.get("muon") for p in g["params"]]
+    assert hidden and all(n.startswith("blocks.") and m.get_parameter(n).dim() == 2 for n in hidden)
+    assert not any(n in hidden for n in ("wte.weight", "lm_head.weight"))
+    monkeypatch.setattr(train_py, "optimizer", "adamw")
+    ref_opt = train_py.make_optimizer(ref, torch.device("cpu"))
+    bufs = {n: torch.zeros_like(p) for n, p in m.named_parameters() if n in hidden}
+    for _ in range(3):
+        idx = torch.randint(0, 64, (2, 16))
+        for model_ in (m, ref):
+            model_(idx, idx)[1].backward()
+        before = {n: p.detach().clone() for n, p in m.named_parameters()}
+        grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+        opt.step()
+        ref_opt.step()
+        for n, p in m.named_parameters():
+            if n in hidden:
+                bufs[n] = 0.95 * bufs[n] + 0.05 * grads[n]
+                update = train_py.orthogonalize(0.05 * grads[n] + 0.95 * bufs[n])
+                scale = max(1, p.size(0) / p.size(1)) ** 0.5
+                assert torch.allclose(p, before[n] - train_py.muon_lr * scale * update, atol=1e-6), n
+            else:
+                assert torch.allclose(p, ref.get_parameter(n), rtol=1e-5, atol=1e-7), n
+        for o in (opt, ref_opt):
+            o.zero_grad()
+        for n, p in ref.named_parameters():  # the matrices apart, both models stay the same
+            if n in hidden:
+                p.data.copy_(m.get_parameter(n))
+
+
+def test_train_muon_trains_and_is_exact_under_ddp(tiny_data, tmp_path):
+    # Muon lowers the loss, and 2 gloo processes give 1 process's losses: each process
+    # orthogonalizes the same averaged gradients
+    args = ["--max_steps=8", "--total_batch_size=512", "--log_interval=1", "--eval_interval=8", "--device=cpu",
+            "--eval_tokens=1056", "--optimizer=muon"]
+    run, one = train(tiny_data, tmp_path / "one", *args)
+    assert run.returncode == 0, run.stderr
+    run, two = train(tiny_data, tmp_path / "two", *args, torchrun=2)
+    assert run.returncode == 0, run.stderr + run.stdout
+    agree(one, two)
+    val = [r["val_loss"] for r in one if "val_loss" in r]
+    assert val[-1] < val[0] - 0.5
+    ckpt = model.load_checkpoint(str(tmp_path / "one" / "ckpt.pt"))
+    assert ckpt["settings"]["optimizer"] == "muon" and any(g.get("muon") for g in ckpt["optimizer"]["param_groups"])
+    # the optimizer may not change on resume: its state would not fit
+    run, _ = train(tiny_data, tmp_path / "one", *args[1:], "--max_steps=10", "--init_from=resume", "--optimizer=adamw")
+    assert run.returncode != 0 and "optimizer" in run.stderr and "Traceback" not in run.stderr, run.stderr
 
 
 def test_train_fsdp_reduce_scatters_once_a_step(tmp_path):
@@ -2229,7 +2349,8 @@ def test_train_settings_are_checked(tiny_data, tmp_path, monkeypatch):
                             ("learning_rate", -1.0, "positive"), ("decay_frac", 1.5, "0 to 1"),
                             ("schedule", "linear", "cosine or wsd"), ("dtype", "bf32", "one of"),
                             ("ckpt_interval", -1, "0 (at every evaluation)"), ("init_from", "gpt3", "scratch, resume"),
-                            ("parallel", "zero", "ddp or fsdp"),
+                            ("parallel", "zero", "ddp or fsdp"), ("optimizer", "sgd", "adamw or muon"),
+                            ("muon_lr", 0.0, "positive"), ("muon_momentum", 1.0, "0 to 1"),
                             ("loss_chunk", -1, "0 (all tokens at once) or more")]:
         with monkeypatch.context() as mp:
             mp.setattr(train_py, key, value)
@@ -2250,7 +2371,9 @@ def test_train_settings_are_checked(tiny_data, tmp_path, monkeypatch):
                       (["--activation_checkpointing=maybe"], "'activation_checkpointing' in the command line must be a bool"),
                       (["--device", "cpu", "--device=cuda:99"], "device='cuda:99'"),
                       ([f"--out_dir={tmp_path / 'file' / 'run'}"], "cannot be written"),
-                      (["--dataset=stdlb"], "did you mean 'stdlib'?")]:
+                      (["--dataset=stdlb"], "did you mean 'stdlib'?"),
+                      (["--optimizer=muon", "--parallel=fsdp"], "optimizer='muon': it must be adamw with LoRA or "
+                                                                "parallel=fsdp")]:
         run = subprocess.run([sys.executable, "train.py", f"--data_dir={tiny_data}", *TINY, *args], cwd=ROOT,
                              capture_output=True, text=True)
         assert run.returncode != 0 and msg in run.stderr and "Traceback" not in run.stderr, (args, run.stderr)

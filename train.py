@@ -69,6 +69,9 @@ bias = True
 tie_embeddings = True
 attn = "auto"
 doc_mask = False  # attend only within documents (end-of-text tokens start them)
+qk_norm = False  # from the NanoGPT speedrun, each tried on the quickstart (README): RMS-normalized queries and keys
+logit_softcap = 0.0  # output logits soft-capped at this (cap * tanh(logits / cap)); 0: off
+zero_init_proj = False  # the residual projections start at zero
 # LoRA fine-tuning (model.LoRALinear): the model stays frozen, low-rank adapters train
 lora_rank = 0  # 0: off (every weight trains)
 lora_alpha = 16.0  # the update is scaled by alpha / rank (rslora: alpha / sqrt(rank))
@@ -81,7 +84,10 @@ activation_checkpointing = False  # recompute each block in the backward: a thir
 # batch: total_batch_size tokens a step = micro_batch * block_size * processes * accumulation
 total_batch_size = 8192
 micro_batch = 8
-# optimizer: AdamW; warmup, then cosine or WSD (warmup-stable-decay) down to min_lr
+# optimizer: AdamW, or Muon for the blocks' matrices; warmup, then cosine or WSD (warmup-stable-decay) down to min_lr
+optimizer = "adamw"  # or "muon": Muon for the blocks' 2-D weights, AdamW (learning_rate) for all else
+muon_lr = 0.02  # Muon's peak learning rate; the schedule scales it as it scales learning_rate
+muon_momentum = 0.95
 learning_rate = 5e-3
 min_lr = 0.0
 warmup_steps = 20
@@ -111,6 +117,7 @@ RUN_OPTIONS = ("attn", "loss_chunk", "activation_checkpointing")
 # settings that may differ from the checkpoint's when resuming; every other one must match it
 CHANGE_ON_RESUME = {"init_from", "out_dir", "data_dir", "overwrite", "max_steps", "learning_rate", "min_lr",
                     "warmup_steps", "schedule", "decay_frac", "weight_decay", "beta1", "beta2", "grad_clip",
+                    "muon_lr", "muon_momentum",
                     "total_batch_size", "micro_batch", "device", "dtype", "compile", "eval_interval",
                     "eval_tokens", "log_interval", "ckpt_interval", "max_bad_steps", "parallel", *RUN_OPTIONS}
 
@@ -132,6 +139,12 @@ def check_settings(world):
            ("weight_decay", weight_decay, weight_decay >= 0, "0 or more"),
            ("beta1", beta1, 0 <= beta1 < 1, "0 to 1 (not 1)"), ("beta2", beta2, 0 <= beta2 < 1, "0 to 1 (not 1)"),
            ("grad_clip", grad_clip, grad_clip > 0, "a positive number"),
+           ("optimizer", optimizer, optimizer in ("adamw", "muon"), "adamw or muon"),
+           ("optimizer", optimizer, optimizer == "adamw" or (lora_rank == 0 and parallel == "ddp"),
+            "adamw with LoRA or parallel=fsdp: Muon orthogonalizes each matrix's whole update, and LoRA's "
+            "adapters are low-rank by design, FSDP's matrices split across processes"),
+           ("muon_lr", muon_lr, 0 < muon_lr < math.inf, "a positive number"),
+           ("muon_momentum", muon_momentum, 0 <= muon_momentum < 1, "0 to 1 (not 1)"),
            ("dtype", dtype, dtype in ("", *model.DTYPES), f"one of {('', *model.DTYPES)}"),
            ("parallel", parallel, parallel in ("ddp", "fsdp"), "ddp or fsdp"),
            ("eval_interval", eval_interval, eval_interval >= 1, "1 or more"),
@@ -490,16 +503,74 @@ def build_model(meta, ckpt, base_ckpt, dev):
 def make_optimizer(m, dev):
     """AdamW, with weight decay on matrices only: not on norms and biases, nor (by default)
     the embeddings. Under FSDP m's weights are shards (DTensors), and so is AdamW's state.
-    Muon, when it comes, goes here: it orthogonalizes each matrix's whole update, which
-    under FSDP no process holds (each has some of its rows), so it must gather them
-    (DTensor.full_tensor) or refuse parallel="fsdp" in check_settings."""
-    decay, no_decay = [], []
+    With optimizer="muon", the blocks' matrices go to Muon instead (check_settings refuses
+    it with LoRA and FSDP)."""
+    decay, no_decay, hidden = [], [], []
     for name, p in m.named_parameters():
-        if p.requires_grad:  # under LoRA, the adapters only
-            (decay if p.dim() >= 2 and (decay_embeddings or name not in ("wte.weight", "wpe.weight")) else no_decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=learning_rate, betas=(beta1, beta2), fused=dev.type == "cuda")
+        if not p.requires_grad:  # under LoRA, all but the adapters
+            continue
+        if optimizer == "muon" and p.dim() == 2 and name.startswith("blocks."):
+            hidden.append(p)
+        elif p.dim() >= 2 and (decay_embeddings or name not in ("wte.weight", "wpe.weight")):
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fused=dev.type == "cuda")
+    return Muon(groups + [{"params": hidden, "muon": True, "lr": muon_lr, "weight_decay": 0.0}],
+                lr=learning_rate, betas=(beta1, beta2), momentum=muon_momentum)
+
+
+def orthogonalize(g, steps=5):
+    """The matrix nearest to g with all singular values 1 (U V^T of g = U S V^T), roughly:
+    a Newton-Schulz iteration x <- a x + b (x x^T) x + c (x x^T)^2 x applies the odd
+    polynomial p(s) = a s + b s^3 + c s^5 to every singular value s. Muon's coefficients
+    (Jordan et al. 2024) make p steep at 0, so 5 steps take any s in (0, 1] to about
+    0.7-1.2: not exactly 1, but cheaply, and in bf16 on a GPU."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.bfloat16() if g.is_cuda else g.float()
+    wide = x.size(0) <= x.size(1)
+    x = x if wide else x.T  # x x^T is then the smaller product
+    x = x / (x.norm() + 1e-7)  # the Frobenius norm bounds the largest singular value: all s <= 1
+    for _ in range(steps):
+        xxt = x @ x.T
+        x = a * x + (b * xxt + c * xxt @ xxt) @ x
+    return (x if wide else x.T).to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (momentum orthogonalized by Newton-Schulz, Jordan et al. 2024) for the groups
+    marked "muon", AdamW for the rest: one optimizer, so that the schedule, checkpoints
+    and resume treat it as they treat AdamW. Muon takes each hidden matrix's momentum
+    and replaces it by the nearest orthogonal matrix: every direction of the update moves
+    as far, not just the few that dominate the gradient. Under DDP the gradients are
+    averaged before step(), so every process computes the same update."""
+
+    def __init__(self, groups, lr, betas, momentum):
+        super().__init__(groups, dict(lr=lr, betas=betas, momentum=momentum, weight_decay=0.0, muon=False))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in (p for p in group["params"] if p.grad is not None):
+                state, g, lr = self.state[p], p.grad, group["lr"]
+                p.mul_(1 - lr * group["weight_decay"])
+                if group["muon"]:
+                    if not state:
+                        state["momentum"] = torch.zeros_like(p)
+                    buf, mu = state["momentum"], group["momentum"]
+                    buf.lerp_(g, 1 - mu)  # buf = mu * buf + (1 - mu) * g
+                    update = orthogonalize(g.lerp(buf, mu))  # Nesterov: a step ahead along the momentum
+                    p.add_(update, alpha=-lr * max(1, p.size(0) / p.size(1)) ** 0.5)  # tall matrices: same RMS
+                else:  # AdamW, as torch.optim.AdamW computes it
+                    if not state:
+                        state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                    (b1, b2), state["step"] = group["betas"], state["step"] + 1
+                    state["exp_avg"].lerp_(g, 1 - b1)
+                    state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+                    denom = (state["exp_avg_sq"] / (1 - b2 ** state["step"])).sqrt_().add_(1e-8)
+                    p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1 ** state["step"]))
 
 
 def mixed_precision(dev):
@@ -707,8 +778,8 @@ def main():
 
         # one training step
         lr = lr_at(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for group in optimizer.param_groups:  # Muon's matrices on the same schedule, from muon_lr
+            group["lr"] = lr * muon_lr / learning_rate if group.get("muon") else lr
         loss, grad_norm, ok = train_step(train_model, raw_model, optimizer, scaler, train_data, accum, autocast, dev,
                                          eot)
         bad_steps = 0 if ok else bad_steps + 1
