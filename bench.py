@@ -454,6 +454,31 @@ def bench_train(config=None, steps=30):
     print("|---|---:|---:|---:|")
     print(f"| plain eager PyTorch loop, same model (reference) | {base_tps:,.0f} | | 1.00x |")
     print(f"| train.py (steps 11-{steps}) | {tps:,.0f} | {f'{mfu:.1%}' if mfu else 'n/a'} | **{tps / base_tps:.2f}x** |")
+    if not config:
+        bench_optimizers()
+
+
+def bench_optimizers(steps=100):
+    """AdamW against Muon on the quickstart: the same steps (a quarter of its 400, the
+    schedule shortened to fit), so about the same time, and where each gets to."""
+    rows = []
+    for name in ("adamw", "muon"):
+        note(f"train: {steps} quickstart steps with {name}")
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            code, _ = run_script(["train.py", f"--optimizer={name}", f"--max_steps={steps}", f"--eval_interval={steps}",
+                                  "--log_interval=10", f"--out_dir={tmp}"], os.path.join(tmp, "train.log"))
+            wall = time.perf_counter() - t0
+            assert code == 0, open(os.path.join(tmp, "train.log")).read()[-2000:]
+            logs = [json.loads(line) for line in open(os.path.join(tmp, "log.jsonl"))]
+        tps = np.mean([r["tokens_per_s"] for r in logs if "tokens_per_s" in r and r["step"] > 10])
+        rows.append((name, tps, wall, [r["val_bpb"] for r in logs if "val_bpb" in r][-1]))
+    header(f"AdamW against Muon: {steps} steps of the quickstart (the schedule fit to them)",
+           {"torch": torch.__version__})
+    print("| optimizer | tokens/s | wall time (train.py, start to end) | val bits per byte |")
+    print("|---|---:|---:|---:|")
+    for name, tps, wall, bpb in rows:
+        print(f"| {name} | {tps:,.0f} | {wall:.0f} s | {bpb:.4f} |")
 
 
 # -----------------------------------------------------------------------------
