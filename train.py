@@ -79,7 +79,7 @@ lora_dropout = 0.0
 lora_targets = "attn,mlp"  # which linear layers of every block: qkv, attn_proj, fc, mlp_proj; attn, mlp
 lora_variant = "lora"  # "lora", "rslora" or "dora"
 # memory (GPTConfig too; measured in `python bench.py memory`)
-loss_chunk = 0  # tokens at a time through the output head and loss, which then never hold all the logits; 0: all
+loss_chunk = 1024  # tokens at a time through the output head and loss, which then never hold all the logits; 0: all
 activation_checkpointing = False  # recompute each block in the backward: a third more compute, far less memory
 # batch: total_batch_size tokens a step = micro_batch * block_size * processes * accumulation
 total_batch_size = 8192
