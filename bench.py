@@ -678,7 +678,7 @@ def bench_lora(steps=100, ranks=(4, 16, 64), base_steps=400, root=os.path.join("
         code, _ = run_script(["train.py", f"--data_dir={data}", "--dataset=old", f"--out_dir={runs}/base",
                               f"--max_steps={base_steps}"], os.path.join(runs, "base.log"))
         assert code == 0, open(os.path.join(runs, "base.log")).read()[-2000:]
-    # the same steps and tokens for every method; learning rates from a small sweep (README)
+    # the same steps and tokens for every method; full at a fifth of pretraining's lr, the adapters at 10x that
     common = [f"--data_dir={data}", "--dataset=new", f"--init_from={base}", f"--max_steps={steps}",
               f"--eval_interval={steps}", "--warmup_steps=10", "--log_interval=10", "--overwrite"]
     methods = [("full", 0, ["--learning_rate=1e-3"])] + [
