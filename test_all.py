@@ -206,7 +206,7 @@ def tiny(kind="llama", **kw):
 
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--micro_batch=4", "--total_batch_size=256",
-        "--eval_tokens=1024", "--learning_rate=1e-2", "--min_lr=1e-3", "--warmup_steps=5"]
+        "--eval_tokens=1024", "--learning_rate=1e-2", "--min_lr=1e-3", "--warmup_steps=5", "--optimizer=adamw"]
 
 
 @pytest.fixture(scope="module")
@@ -2047,6 +2047,48 @@ def test_train_muon_trains_and_is_exact_under_ddp(tiny_data, tmp_path):
     # the optimizer may not change on resume: its state would not fit
     run, _ = train(tiny_data, tmp_path / "one", *args[1:], "--max_steps=10", "--init_from=resume", "--optimizer=adamw")
     assert run.returncode != 0 and "optimizer" in run.stderr and "Traceback" not in run.stderr, run.stderr
+    # a checkpoint from before Muon (no optimizer among its settings) resumes with AdamW
+    old = tmp_path / "old"
+    run, _ = train(tiny_data, old, "--max_steps=2")
+    ckpt = torch.load(old / "ckpt.pt", weights_only=False)
+    del ckpt["settings"]["optimizer"]
+    torch.save(ckpt, old / "ckpt.pt")
+    run = subprocess.run([sys.executable, "train.py", "--init_from=resume", f"--out_dir={old}", "--max_steps=3"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0 and "'optimizer': 'adamw'" in run.stdout, run.stderr
+
+
+def test_config_files_read_and_quickstart_is_the_default():
+    # every config file runs and names only settings that prepare.py and train.py have;
+    # config/quickstart.py sets nothing that train.py's defaults do not already say
+    import config as config_py
+    import train as train_py
+    for path in sorted((ROOT / "config").glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        for script, other in [(train_py, prepare), (prepare, train_py)]:
+            settings = config_py.setting_names(vars(script))
+            given = config_py.configure(settings, [str(path)], others=config_py.setting_names(vars(other)))
+            assert given, path
+        if path.name == "quickstart.py":
+            given = config_py.configure(config_py.setting_names(vars(train_py)), [str(path)],
+                                        others=config_py.setting_names(vars(prepare)))
+            assert given.pop("tokenizer") == prepare.DATASETS["stdlib"]["tokenizer"]  # train.py's "": the dataset's
+            assert all(getattr(train_py, k) == v for k, v in given.items()), given
+
+
+def test_train_picks_muon_where_it_was_measured(monkeypatch):
+    # optimizer="": Muon from scratch, AdamW for LoRA, FSDP and fine-tuning; given, it stays
+    import train as train_py
+    for settings, expect in [({}, "muon"), ({"lora_rank": 4, "init_from": "gpt2"}, "adamw"),
+                             ({"parallel": "fsdp"}, "adamw"), ({"init_from": "gpt2"}, "adamw"),
+                             ({"optimizer": "adamw"}, "adamw"), ({"optimizer": "muon", "init_from": "gpt2"}, "muon")]:
+        with monkeypatch.context() as mp:
+            for key, value in {"optimizer": "", "init_from": "scratch", "lora_rank": 0, "parallel": "ddp",
+                               **settings}.items():
+                mp.setattr(train_py, key, value)
+            train_py.pick_optimizer()
+            assert train_py.optimizer == expect, settings
 
 
 def test_train_fsdp_reduce_scatters_once_a_step(tmp_path):

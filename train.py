@@ -85,13 +85,13 @@ activation_checkpointing = False  # recompute each block in the backward: a thir
 total_batch_size = 8192
 micro_batch = 8
 # optimizer: AdamW, or Muon for the blocks' matrices; warmup, then cosine or WSD (warmup-stable-decay) down to min_lr
-optimizer = "adamw"  # or "muon": Muon for the blocks' 2-D weights, AdamW (learning_rate) for all else
+optimizer = ""  # "muon" (the blocks' matrices; AdamW for the rest) or "adamw"; "": muon, but adamw for LoRA, FSDP, fine-tuning
 muon_lr = 0.02  # Muon's peak learning rate; the schedule scales it as it scales learning_rate
 muon_momentum = 0.95
 learning_rate = 5e-3
 min_lr = 0.0
 warmup_steps = 20
-max_steps = 400
+max_steps = 360
 schedule = "wsd"  # or "cosine"
 decay_frac = 0.6  # WSD: the last fraction of the steps decays linearly
 weight_decay = 0.1
@@ -139,8 +139,8 @@ def check_settings(world):
            ("weight_decay", weight_decay, weight_decay >= 0, "0 or more"),
            ("beta1", beta1, 0 <= beta1 < 1, "0 to 1 (not 1)"), ("beta2", beta2, 0 <= beta2 < 1, "0 to 1 (not 1)"),
            ("grad_clip", grad_clip, grad_clip > 0, "a positive number"),
-           ("optimizer", optimizer, optimizer in ("adamw", "muon"), "adamw or muon"),
-           ("optimizer", optimizer, optimizer == "adamw" or (lora_rank == 0 and parallel == "ddp"),
+           ("optimizer", optimizer, optimizer in ("", "adamw", "muon"), "adamw or muon (or '': see pick_optimizer)"),
+           ("optimizer", optimizer, optimizer != "muon" or (lora_rank == 0 and parallel == "ddp"),
             "adamw with LoRA or parallel=fsdp: Muon orthogonalizes each matrix's whole update, and LoRA's "
             "adapters are low-rank by design, FSDP's matrices split across processes"),
            ("muon_lr", muon_lr, 0 < muon_lr < math.inf, "a positive number"),
@@ -400,7 +400,8 @@ def resume_checkpoint(given):
     if not os.path.exists(path):
         raise SystemExit(f"error: init_from=resume, but {path} does not exist; train one first, or check out_dir")
     ckpt = model.load_checkpoint(path)
-    saved = ckpt["settings"]
+    saved = dict(ckpt["settings"])
+    saved.setdefault("optimizer", "adamw")  # checkpoints from before Muon
     clash = [f"{k}={given[k]!r} (the checkpoint's: {saved[k]!r})" for k in given
              if k in saved and k not in CHANGE_ON_RESUME and given[k] != saved[k]]
     if clash:
@@ -408,6 +409,15 @@ def resume_checkpoint(given):
                          f"Only these may change on resume: {', '.join(sorted(CHANGE_ON_RESUME))}")
     globals().update({k: v for k, v in saved.items() if k not in given and k in setting_names(globals())})
     return ckpt
+
+
+def pick_optimizer():
+    """optimizer="": Muon when training from scratch (it was measured there: README), AdamW
+    where Muon cannot go (LoRA's low-rank adapters, FSDP's split matrices) and for
+    fine-tuning, whose recipes were tuned with AdamW. The choice goes into checkpoints."""
+    global optimizer
+    if optimizer == "":
+        optimizer = "muon" if init_from == "scratch" and lora_rank == 0 and parallel == "ddp" else "adamw"
 
 
 def prepare_out_dir(resuming, master):
@@ -710,6 +720,7 @@ def gzip_bpb(val, enc, eot):
 def main():
     given = configure(globals(), others=setting_names(vars(prepare)))  # a config file may hold prepare.py's too
     ckpt = resume_checkpoint(given) if init_from == "resume" else None
+    pick_optimizer()
     check_settings(int(os.environ.get("WORLD_SIZE", "1")))
     ddp, rank, world, dev = setup_distributed()
     master = rank == 0

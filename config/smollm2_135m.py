@@ -27,6 +27,9 @@ doc_mask = True
 total_batch_size = 524288
 micro_batch = 16  # 16 x 2048 per GPU; 8 GPUs and 2 micro-steps make a step
 learning_rate = 3e-3
+# AdamW, SmolLM2's recipe. Muon (--optimizer=muon, --muon_lr=0.02) is an option from
+# scratch, measured here on the quickstart only (README).
+optimizer = "adamw"
 min_lr = 0.0
 warmup_steps = 700
 max_steps = 18865
