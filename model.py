@@ -13,6 +13,10 @@ biases), or any mix of the two:
 Attention runs flash.py's Triton kernel on CUDA and torch's scaled_dot_product_attention
 elsewhere (the same math). Packed documents can be kept apart (doc_starts): tokens then
 attend only within their own document, and RoPE positions restart at each document.
+Training with targets can compute the head and loss a chunk of tokens at a time
+(loss_chunk), and the NanoGPT speedrun's options (relu2, qk_norm, logit_softcap,
+zero_init_proj) are off by default. LoRA adapters wrap linear layers; a model goes out
+to the Hugging Face format with `python model.py export CKPT DIR`.
 Read next: flash.py, the attention kernel; then train.py.
 """
 import hashlib

@@ -1,5 +1,5 @@
 """
-train.py: trains a GPT on prepare.py's shards, on a CPU, one GPU, or many (DDP or FSDP).
+train.py: trains a GPT on prepare.py's shards with AdamW or Muon, on a CPU, one GPU, or many (DDP or FSDP).
 
     python train.py                                   # the quickstart: a small model on data/stdlib
     python train.py config/tinystories.py --max_steps=2000
