@@ -662,13 +662,19 @@ except KeyboardInterrupt:
 """
 
 
+def as_in_a_terminal():
+    """In a child before it starts: SIGINT as a terminal leaves it. A shell starts background
+    jobs (`cmd &`) with SIGINT ignored, and their children, a CI run's tests too, inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("to_group", [True, False])
 def test_bpe_pool_map_stops_at_ctrl_c(to_group):
     # Issue 12.5: Ctrl-C hung forever. The workers died, and the pool's shutdown waited
     # on its thread that was writing a large job into a pipe that nobody read. A
     # terminal's Ctrl-C sends SIGINT to the whole process group; `kill -INT` to one.
     run = subprocess.Popen([sys.executable, "-c", POOL_MAP_SCRIPT], cwd=ROOT, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                           stderr=subprocess.STDOUT, text=True, start_new_session=True, preexec_fn=as_in_a_terminal)
     try:
         assert run.stdout.readline().startswith("result 0")  # the workers are busy with more jobs
         (os.killpg if to_group else os.kill)(run.pid, signal.SIGINT)
@@ -1071,7 +1077,7 @@ def test_prepare_stops_at_one_ctrl_c(tmp_path):
     # split is being tokenized by the worker processes (it used to hang there for good)
     proc = subprocess.Popen([sys.executable, "prepare.py", f"--data_dir={tmp_path}", "--tokenizer=bpe:300",
                              "--decontaminate=none"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, preexec_fn=as_in_a_terminal)
     try:
         for line in proc.stdout:
             if line.startswith("val: "):  # the val split is written; the train split has begun
