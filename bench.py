@@ -542,6 +542,7 @@ def memory_times(cfg, batch, variants, repeat):
     """Seconds of a training step in each variant (GPTConfig fields to set), alternating,
     best of `repeat`, after one step each to warm up. Run in its own process, with
     train.py's keep_freed_memory on a CPU, which must not change the other sections."""
+    import model
     import train
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
@@ -550,8 +551,7 @@ def memory_times(cfg, batch, variants, repeat):
 
     def run(variant):
         def fn():
-            for key, value in variant.items():
-                setattr(m.cfg, key, value)
+            model.run_with(m, **variant)
             step()
         return fn
     fns = [run(v) for v in variants]

@@ -1268,8 +1268,7 @@ def loss_and_grads(m, idx, targets, doc_starts=None, **settings):
     """The loss and every parameter's gradient with these GPTConfig settings (loss_chunk,
     activation_checkpointing). The loss is scaled before the backward, as gradient
     accumulation does: the backward must pass the scale on."""
-    for key, value in settings.items():
-        setattr(m.cfg, key, value)
+    model.run_with(m, **settings)
     m.zero_grad(set_to_none=True)
     _, loss = m(idx, targets, doc_starts=doc_starts)
     (loss * 0.37).backward()
