@@ -15,7 +15,7 @@ elsewhere (the same math). Packed documents can be kept apart (doc_starts): toke
 attend only within their own document, and RoPE positions restart at each document.
 Training with targets can compute the head and loss a chunk of tokens at a time
 (loss_chunk), and the NanoGPT speedrun's options (relu2, qk_norm, logit_softcap,
-zero_init_proj) are off by default. LoRA adapters wrap linear layers; a model goes out
+zero_init_proj, value_embeds, skips) are off by default. LoRA adapters wrap linear layers; a model goes out
 to the Hugging Face format with `python model.py export CKPT DIR`.
 Read next: flash.py, the attention kernel; then train.py.
 """
@@ -56,6 +56,8 @@ class GPTConfig:
     qk_norm: bool = False  # RMS-normalize each head's queries and keys: attention logits stay bounded
     logit_softcap: float = 0.0  # the output logits as cap * tanh(logits / cap); 0: off
     zero_init_proj: bool = False  # the projections into the residual stream start at zero: each block starts as identity
+    value_embeds: bool = False  # every layer adds a token embedding to its values (layers i and n_layer-1-i share it)
+    skips: bool = False  # U-net skips: the second half's blocks also take the first half's outputs, learned-weighted
     # how training runs, not what it computes (checkpoints carry them; train.py sets them from its settings):
     loss_chunk: int = 0  # tokens per chunk through the output head + loss (ChunkedCrossEntropy); 0: all at once
     activation_checkpointing: bool = False  # keep only each block's input, recompute the rest in the backward
@@ -133,10 +135,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
 
-    def forward(self, x, rope, docs, cache):
+    def forward(self, x, rope, docs, cache, ve=None):
         cfg, (B, T, _) = self.cfg, x.shape
         H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         q, k, v = self.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        if ve is not None:  # value_embeds: (B, T, Hkv * D), looked up from the tokens themselves
+            v = v + ve
         q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
         if cfg.qk_norm:  # before RoPE, which keeps norms
             q, k = F.rms_norm(q, (D,)), F.rms_norm(k, (D,))
@@ -197,8 +201,8 @@ class Block(nn.Module):
         self.norm1, self.attn = make_norm(cfg), Attention(cfg, layer)
         self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
 
-    def forward(self, x, rope, docs, cache):
-        x = x + self.attn(self.norm1(x), rope, docs, cache)
+    def forward(self, x, rope, docs, cache, ve=None):
+        x = x + self.attn(self.norm1(x), rope, docs, cache, ve)
         return x + self.mlp(self.norm2(x))
 
 
@@ -295,6 +299,13 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm_f = make_norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, cfg.padded_vocab, bias=False)
+        # the speedrun's value embeddings: weights that cost a lookup, not a matmul. Layer i
+        # and layer n_layer-1-i share table i (the first and the last layers see the tokens)
+        tables = (cfg.n_layer + 1) // 2 if cfg.value_embeds else 0
+        self.value_embeds = nn.ModuleList(nn.Embedding(cfg.padded_vocab, cfg.n_kv_head * cfg.head_dim)
+                                          for _ in range(tables)) if tables else None
+        # U-net skips: block n_layer-1-i also adds skip_weights[i] * (block i's output)
+        self.skip_weights = nn.Parameter(torch.ones(cfg.n_layer // 2)) if cfg.skips else None
         if cfg.pos == "rope":
             cos, sin = rope_tables(cfg)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -352,13 +363,18 @@ class GPT(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(pos)
         rope = (self.rope_cos[pos], self.rope_sin[pos]) if cfg.pos == "rope" else None
-        for block in self.blocks:
+        L, outputs = cfg.n_layer, []  # the first half's outputs, for the skips
+        for i, block in enumerate(self.blocks):
+            if self.skip_weights is not None and i >= L - L // 2:  # the second half: the mirror block's output
+                x = x + self.skip_weights[L - 1 - i] * outputs[L - 1 - i]
+            ve = self.value_embeds[min(i, L - 1 - i)](idx) if self.value_embeds is not None else None
             if cfg.activation_checkpointing and torch.is_grad_enabled() and cache is None:
                 # only the block's input is kept for the backward, which runs the block again
                 # to get the rest: about a third more compute for a fraction of the memory
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, docs, None, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, docs, None, ve, use_reentrant=False)
             else:
-                x = block(x, rope, docs, cache)
+                x = block(x, rope, docs, cache, ve)
+            outputs.append(x)
         if cache is not None:
             cache.pos += T
         x = self.norm_f(x)
@@ -758,7 +774,8 @@ def config_to_hf(cfg, eot_id=None):
     clash = [f"{k}={getattr(cfg, k)!r}" for k, v in family.items() if getattr(cfg, k) != v]
     if kind == "gpt2" and cfg.n_kv_head != cfg.n_head:
         clash.append(f"n_kv_head={cfg.n_kv_head} (GPT-2 has no grouped-query attention)")
-    clash += [f"{k}={getattr(cfg, k)!r} (neither class has it)" for k in ("qk_norm", "logit_softcap") if getattr(cfg, k)]
+    clash += [f"{k}={getattr(cfg, k)!r} (neither class has it)"
+              for k in ("qk_norm", "logit_softcap", "value_embeds", "skips") if getattr(cfg, k)]
     if clash:
         raise ValueError(f"no transformers class has norm={cfg.norm!r} with {', '.join(clash)}: for "
                          f"{HF_CLASS[kind]}, set {', '.join(f'{k}={v!r}' for k, v in family.items())}")

@@ -1363,9 +1363,9 @@ def test_model_chunked_loss_and_checkpointing_compile():
     assert_close(got, grads, 1e-5)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "speedrun"])
 def test_model_kv_cache_matches_recompute(kind):
-    m = tiny(kind)
+    m = tiny("llama", n_layer=3, value_embeds=True, skips=True) if kind == "speedrun" else tiny(kind)
     prompt = torch.randint(0, 1000, (2, 7))
     out = m.generate(prompt, 30, temperature=0)
     seq = prompt
@@ -1599,7 +1599,8 @@ def test_model_export_refuses_what_transformers_cannot_express():
                     (dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=True), "bias=True"),
                     (dict(mlp="relu2"), "mlp='relu2'"), (dict(qk_norm=True), "qk_norm=True (neither class has it)"),
                     (dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, logit_softcap=15.0),
-                     "logit_softcap=15.0")]:
+                     "logit_softcap=15.0"), (dict(value_embeds=True), "value_embeds=True (neither class has it)"),
+                    (dict(skips=True), "skips=True (neither class has it)")]:
         with pytest.raises(ValueError, match=regex.escape(msg)):
             model.config_to_hf(GPTConfig(vocab_size=100, block_size=8, n_layer=1, n_head=4, n_embd=32, **kw))
     # zero_init_proj changes only the initial weights: a model trained with it exports
@@ -1643,6 +1644,26 @@ def test_model_speedrun_options():
     assert torch.equal(m(idx, all_logits=True)[0], blockless(idx, all_logits=True)[0])
     m(idx, idx)[1].backward()
     assert all(m.blocks[i].attn.proj.weight.grad.abs().sum() > 0 for i in range(2))
+    # value embeddings and U-net skips: with their tables and weights at zero, the plain model;
+    # then each layer's values move by its table's rows (layers i and n_layer-1-i share one)
+    for n_layer in (3, 4):
+        plain, extra = tiny(n_layer=n_layer), tiny(n_layer=n_layer, value_embeds=True, skips=True)
+        assert len(extra.value_embeds) == (n_layer + 1) // 2 and extra.skip_weights.shape == (n_layer // 2,)
+        extra.load_state_dict(plain.state_dict(), strict=False)
+        with torch.no_grad():
+            for p in [*extra.value_embeds.parameters(), extra.skip_weights]:
+                p.zero_()
+            assert torch.equal(extra(idx, all_logits=True)[0], plain(idx, all_logits=True)[0])
+            extra.value_embeds[0].weight.normal_()
+            hooked = []
+            for i, b in enumerate(extra.blocks):
+                b.attn.register_forward_hook(lambda mod, args, out, i=i: hooked.append((i, args[4])))
+            extra(idx)
+            assert [i for i, ve in hooked if ve.abs().sum() > 0] == [0, n_layer - 1]
+            assert all(torch.equal(ve, extra.value_embeds[min(i, n_layer - 1 - i)](idx)) for i, ve in hooked)
+        extra.skip_weights.data.fill_(0.5)
+        extra(idx, idx)[1].backward()
+        assert extra.skip_weights.grad.abs().min() > 0 and extra.value_embeds[-1].weight.grad.abs().sum() > 0
 
 
 def test_model_runs_without_triton():

@@ -72,6 +72,8 @@ doc_mask = False  # attend only within documents (end-of-text tokens start them)
 qk_norm = False  # from the NanoGPT speedrun, each tried on the quickstart (README): RMS-normalized queries and keys
 logit_softcap = 0.0  # output logits soft-capped at this (cap * tanh(logits / cap)); 0: off
 zero_init_proj = False  # the residual projections start at zero
+value_embeds = False  # every layer adds a learned embedding of the tokens to its attention values
+skips = False  # U-net skips: the second half of the blocks also adds the first half's outputs
 # LoRA fine-tuning (model.LoRALinear): the model stays frozen, low-rank adapters train
 lora_rank = 0  # 0: off (every weight trains)
 lora_alpha = 16.0  # the update is scaled by alpha / rank (rslora: alpha / sqrt(rank))
@@ -521,7 +523,7 @@ def make_optimizer(m, dev):
             continue
         if optimizer == "muon" and p.dim() == 2 and name.startswith("blocks."):
             hidden.append(p)
-        elif p.dim() >= 2 and (decay_embeddings or name not in ("wte.weight", "wpe.weight")):
+        elif p.dim() >= 2 and (decay_embeddings or not name.startswith(("wte.", "wpe.", "value_embeds."))):
             decay.append(p)
         else:
             no_decay.append(p)
