@@ -2015,6 +2015,9 @@ def test_muon_orthogonalizes():
         assert 0.6 < s.min() and s.max() < 1.25, (shape, s.min(), s.max())
     g = torch.randn(64, 128)
     assert train_py.orthogonalize(g).dtype == torch.float32 and train_py.orthogonalize(g.double()).dtype == torch.float64
+    for stack in (torch.randn(3, 48, 80), torch.randn(2, 80, 48)):  # a stack: each matrix on its own
+        alone = torch.stack([train_py.orthogonalize(g) for g in stack])
+        assert torch.allclose(train_py.orthogonalize(stack), alone, atol=1e-6)
 
 
 def test_muon_steps(monkeypatch):

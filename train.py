@@ -539,16 +539,17 @@ def orthogonalize(g, steps=5):
     a Newton-Schulz iteration x <- a x + b (x x^T) x + c (x x^T)^2 x applies the odd
     polynomial p(s) = a s + b s^3 + c s^5 to every singular value s. Muon's coefficients
     (Jordan et al. 2024) make p steep at 0, so 5 steps take any s in (0, 1] to about
-    0.7-1.2: not exactly 1, but cheaply, and in bf16 on a GPU."""
+    0.7-1.2: not exactly 1, but cheaply, and in bf16 on a GPU. g: (rows, cols), or a
+    stack of such (n, rows, cols), each orthogonalized on its own."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.bfloat16() if g.is_cuda else g.float()
-    wide = x.size(0) <= x.size(1)
-    x = x if wide else x.T  # x x^T is then the smaller product
-    x = x / (x.norm() + 1e-7)  # the Frobenius norm bounds the largest singular value: all s <= 1
+    wide = x.size(-2) <= x.size(-1)
+    x = x if wide else x.mT  # x x^T is then the smaller product
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # the Frobenius norm bounds the largest s: all s <= 1
     for _ in range(steps):
-        xxt = x @ x.T
+        xxt = x @ x.mT
         x = a * x + (b * xxt + c * xxt @ xxt) @ x
-    return (x if wide else x.T).to(g.dtype)
+    return (x if wide else x.mT).to(g.dtype)
 
 
 class Muon(torch.optim.Optimizer):
@@ -565,24 +566,38 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            for p in (p for p in group["params"] if p.grad is not None):
-                state, g, lr = self.state[p], p.grad, group["lr"]
+            params, lr = [p for p in group["params"] if p.grad is not None], group["lr"]
+            for p in params:  # decoupled weight decay, as AdamW's
                 p.mul_(1 - lr * group["weight_decay"])
-                if group["muon"]:
-                    if not state:
-                        state["momentum"] = torch.zeros_like(p)
-                    buf, mu = state["momentum"], group["momentum"]
-                    buf.lerp_(g, 1 - mu)  # buf = mu * buf + (1 - mu) * g
-                    update = orthogonalize(g.lerp(buf, mu))  # Nesterov: a step ahead along the momentum
-                    p.add_(update, alpha=-lr * max(1, p.size(0) / p.size(1)) ** 0.5)  # tall matrices: same RMS
-                else:  # AdamW, as torch.optim.AdamW computes it
-                    if not state:
-                        state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-                    (b1, b2), state["step"] = group["betas"], state["step"] + 1
-                    state["exp_avg"].lerp_(g, 1 - b1)
-                    state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
-                    denom = (state["exp_avg_sq"] / (1 - b2 ** state["step"])).sqrt_().add_(1e-8)
-                    p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1 ** state["step"]))
+            if group["muon"]:
+                self.muon_step(params, lr, group["momentum"])
+                continue
+            for p in params:  # AdamW, as torch.optim.AdamW computes it
+                state, g, (b1, b2) = self.state[p], p.grad, group["betas"]
+                if not state:
+                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                state["step"] += 1
+                state["exp_avg"].lerp_(g, 1 - b1)
+                state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+                denom = (state["exp_avg_sq"] / (1 - b2 ** state["step"])).sqrt_().add_(1e-8)
+                p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1 ** state["step"]))
+
+    def muon_step(self, params, lr, mu):
+        """Muon's update of matrices: the matrices of one shape (the same weight in every
+        block) are orthogonalized together, as one stack: a few large matmuls, not many small."""
+        by_shape = {}
+        for p in params:
+            by_shape.setdefault(p.shape, []).append(p)
+        for same in by_shape.values():
+            for p in same:
+                if not self.state[p]:
+                    self.state[p]["momentum"] = torch.zeros_like(p)
+                self.state[p]["momentum"].lerp_(p.grad, 1 - mu)  # buf = mu * buf + (1 - mu) * g
+            # Nesterov: a step ahead along the momentum, g + mu * (buf - g)
+            updates = orthogonalize(torch.stack([p.grad.lerp(self.state[p]["momentum"], mu) for p in same]))
+            scale = max(1, same[0].size(0) / same[0].size(1)) ** 0.5  # tall matrices: the same RMS as wide ones
+            for p, update in zip(same, updates):
+                p.add_(update, alpha=-lr * scale)
 
 
 def mixed_precision(dev):
