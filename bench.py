@@ -419,7 +419,7 @@ def bench_train(config=None, steps=30):
     note(f"train: {steps} steps of train.py {' '.join(args) or '(the quickstart)'}, then a plain loop")
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "train.py", *args, f"--max_steps={steps}", "--eval_interval=100000",
-               "--log_interval=10", f"--out_dir={tmp}", "--warmup_steps=1"]
+               "--log_interval=10", f"--out_dir={tmp}", "--warmup_steps=1", "--optimizer=adamw"]  # as the loop
         run = subprocess.run(cmd, capture_output=True, text=True)
         if run.returncode:
             print(f"\n### Training\n\ntrain.py failed (is the data prepared?): {run.stderr.strip()[-300:]}")
@@ -696,6 +696,10 @@ def val_bpb(ckpt_path, data_dir):
     return train.evaluate(m, val, n_bytes, contextlib.nullcontext(), meta["eot_id"], 0, 1, False)[1]
 
 
+# the quickstart as it was when the study ran (README): its settings since changed
+STUDY_QUICKSTART = ["--total_batch_size=8192", "--learning_rate=5e-3", "--value_embeds=False", "--eval_interval=200"]
+
+
 def bench_lora(steps=100, ranks=(4, 16, 64), base_steps=400, root=os.path.join("out", "lora_study")):
     import model
     data, runs = os.path.join(root, "data"), os.path.join(root, "runs")
@@ -711,11 +715,12 @@ def bench_lora(steps=100, ranks=(4, 16, 64), base_steps=400, root=os.path.join("
     if not os.path.exists(base):
         note(f"lora: pretraining the base on the old domain (the quickstart's model, {base_steps} steps)")
         code, _ = run_script(["train.py", f"--data_dir={data}", "--dataset=old", f"--out_dir={runs}/base",
-                              f"--max_steps={base_steps}"], os.path.join(runs, "base.log"))
+                              f"--max_steps={base_steps}", *STUDY_QUICKSTART], os.path.join(runs, "base.log"))
         assert code == 0, open(os.path.join(runs, "base.log")).read()[-2000:]
     # the same steps and tokens for every method; full at a fifth of pretraining's lr, the adapters at 10x that
     common = [f"--data_dir={data}", "--dataset=new", f"--init_from={base}", f"--max_steps={steps}",
-              f"--eval_interval={steps}", "--warmup_steps=10", "--log_interval=10", "--overwrite"]
+              f"--eval_interval={steps}", "--warmup_steps=10", "--log_interval=10", "--overwrite",
+              "--total_batch_size=8192"]
     methods = [("full", 0, ["--learning_rate=1e-3"])] + [
         (variant, r, [f"--lora_rank={r}", f"--lora_alpha={2 * r}", f"--lora_variant={variant}", "--learning_rate=1e-2"])
         for variant in ("lora", "rslora", "dora") for r in ranks]

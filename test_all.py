@@ -2076,15 +2076,21 @@ def test_train_muon_trains_and_is_exact_under_ddp(tiny_data, tmp_path):
     # the optimizer may not change on resume: its state would not fit
     run, _ = train(tiny_data, tmp_path / "one", *args[1:], "--max_steps=10", "--init_from=resume", "--optimizer=adamw")
     assert run.returncode != 0 and "optimizer" in run.stderr and "Traceback" not in run.stderr, run.stderr
-    # a checkpoint from before Muon (no optimizer among its settings) resumes with AdamW
+    # a checkpoint from before Muon and value embeddings (neither among its settings, nor in
+    # its model) resumes with AdamW and no value embeddings, and saves them so
     old = tmp_path / "old"
-    run, _ = train(tiny_data, old, "--max_steps=2")
+    run, _ = train(tiny_data, old, "--max_steps=2", "--value_embeds=False")
     ckpt = torch.load(old / "ckpt.pt", weights_only=False)
-    del ckpt["settings"]["optimizer"]
+    for key in ("optimizer", "value_embeds", "skips"):
+        del ckpt["settings"][key]
+    for key in ("value_embeds", "skips"):
+        del ckpt["model_config"][key]
     torch.save(ckpt, old / "ckpt.pt")
     run = subprocess.run([sys.executable, "train.py", "--init_from=resume", f"--out_dir={old}", "--max_steps=3"],
                          cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0 and "'optimizer': 'adamw'" in run.stdout, run.stderr
+    settings = model.load_checkpoint(str(old / "ckpt.pt"))["settings"]
+    assert (settings["value_embeds"], settings["skips"], settings["optimizer"]) == (False, False, "adamw")
 
 
 def test_config_files_read_and_quickstart_is_the_default():
@@ -2107,17 +2113,19 @@ def test_config_files_read_and_quickstart_is_the_default():
 
 
 def test_train_picks_muon_where_it_was_measured(monkeypatch):
-    # optimizer="": Muon from scratch, AdamW for LoRA, FSDP and fine-tuning; given, it stays
+    # optimizer="": Muon from scratch, AdamW for LoRA, FSDP and fine-tuning; given, it stays.
+    # learning_rate=0: Muon's AdamW part gets 2e-2, AdamW 5e-3; given, it stays
     import train as train_py
-    for settings, expect in [({}, "muon"), ({"lora_rank": 4, "init_from": "gpt2"}, "adamw"),
-                             ({"parallel": "fsdp"}, "adamw"), ({"init_from": "gpt2"}, "adamw"),
-                             ({"optimizer": "adamw"}, "adamw"), ({"optimizer": "muon", "init_from": "gpt2"}, "muon")]:
+    for settings, expect, lr in [({}, "muon", 2e-2), ({"lora_rank": 4, "init_from": "gpt2"}, "adamw", 5e-3),
+                                 ({"parallel": "fsdp"}, "adamw", 5e-3), ({"init_from": "gpt2"}, "adamw", 5e-3),
+                                 ({"optimizer": "adamw"}, "adamw", 5e-3), ({"learning_rate": 1e-4}, "muon", 1e-4),
+                                 ({"optimizer": "muon", "init_from": "gpt2"}, "muon", 2e-2)]:
         with monkeypatch.context() as mp:
             for key, value in {"optimizer": "", "init_from": "scratch", "lora_rank": 0, "parallel": "ddp",
-                               **settings}.items():
+                               "learning_rate": 0.0, **settings}.items():
                 mp.setattr(train_py, key, value)
             train_py.pick_optimizer()
-            assert train_py.optimizer == expect, settings
+            assert (train_py.optimizer, train_py.learning_rate) == (expect, lr), settings
 
 
 def test_train_fsdp_reduce_scatters_once_a_step(tmp_path):
@@ -2366,7 +2374,7 @@ def test_export_to_hugging_face(tiny_data, tmp_path, gpt2):
     for name, data, args in [("gpt2", tiny_data, ["--pos=learned"]), ("llama", tiny_data, llama),
                              ("gpt2-tokenizer", gpt2_data, ["--pos=learned"]),
                              ("sharded", tiny_data, ["--pos=learned", "--parallel=fsdp"])]:  # put together whole
-        run, _ = train(data, tmp_path / name, "--max_steps=3", "--eval_interval=3", *args)
+        run, _ = train(data, tmp_path / name, "--max_steps=3", "--eval_interval=3", "--value_embeds=False", *args)
         assert run.returncode == 0, run.stderr
         out = tmp_path / f"{name}-hf"
         run = subprocess.run([sys.executable, "model.py", "export", str(tmp_path / name / "ckpt.pt"), str(out)],

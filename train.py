@@ -72,7 +72,7 @@ doc_mask = False  # attend only within documents (end-of-text tokens start them)
 qk_norm = False  # from the NanoGPT speedrun, each tried on the quickstart (README): RMS-normalized queries and keys
 logit_softcap = 0.0  # output logits soft-capped at this (cap * tanh(logits / cap)); 0: off
 zero_init_proj = False  # the residual projections start at zero
-value_embeds = False  # every layer adds a learned embedding of the tokens to its attention values
+value_embeds = True  # every layer adds a learned embedding of the tokens to its attention values
 skips = False  # U-net skips: the second half of the blocks also adds the first half's outputs
 # LoRA fine-tuning (model.LoRALinear): the model stays frozen, low-rank adapters train
 lora_rank = 0  # 0: off (every weight trains)
@@ -84,16 +84,16 @@ lora_variant = "lora"  # "lora", "rslora" or "dora"
 loss_chunk = 1024  # tokens at a time through the output head and loss, which then never hold all the logits; 0: all
 activation_checkpointing = False  # recompute each block in the backward: a third more compute, far less memory
 # batch: total_batch_size tokens a step = micro_batch * block_size * processes * accumulation
-total_batch_size = 8192
+total_batch_size = 4096
 micro_batch = 8
 # optimizer: AdamW, or Muon for the blocks' matrices; warmup, then cosine or WSD (warmup-stable-decay) down to min_lr
 optimizer = ""  # "muon" (the blocks' matrices; AdamW for the rest) or "adamw"; "": muon, but adamw for LoRA, FSDP, fine-tuning
 muon_lr = 0.02  # Muon's peak learning rate; the schedule scales it as it scales learning_rate
 muon_momentum = 0.95
-learning_rate = 5e-3
+learning_rate = 0.0  # AdamW's peak (under Muon: the embeddings, head, norms, biases); 0: 2e-2 with Muon, else 5e-3
 min_lr = 0.0
 warmup_steps = 20
-max_steps = 360
+max_steps = 720
 schedule = "wsd"  # or "cosine"
 decay_frac = 0.6  # WSD: the last fraction of the steps decays linearly
 weight_decay = 0.1
@@ -106,7 +106,7 @@ parallel = "ddp"  # under torchrun: "ddp" (a whole copy of the model on every pr
 device = ""  # "" picks cuda, then mps, then cpu
 dtype = ""  # "" picks bf16 on CUDA (fp16 where bf16 is missing), fp32 elsewhere
 compile = None  # None: on CUDA only
-eval_interval = 200
+eval_interval = 400
 eval_tokens = 170000  # the fixed val tokens each evaluation reads (about all of stdlib's), whatever the process count
 log_interval = 10
 ckpt_interval = 0  # steps between checkpoints; 0: at every evaluation
@@ -134,7 +134,7 @@ def check_settings(world):
            ("max_steps", max_steps, max_steps >= 1, "1 or more"),
            ("loss_chunk", loss_chunk, loss_chunk >= 0, "0 (all tokens at once) or more tokens per chunk"),
            ("warmup_steps", warmup_steps, warmup_steps >= 0, "0 or more"),
-           ("learning_rate", learning_rate, 0 < learning_rate < math.inf, "a positive number"),
+           ("learning_rate", learning_rate, 0 < learning_rate < math.inf, "a positive number (0: see pick_optimizer)"),
            ("min_lr", min_lr, 0 <= min_lr <= learning_rate, f"0 to learning_rate ({learning_rate})"),
            ("schedule", schedule, schedule in ("cosine", "wsd"), "cosine or wsd"),
            ("decay_frac", decay_frac, 0 <= decay_frac <= 1, "0 to 1"),
@@ -402,8 +402,8 @@ def resume_checkpoint(given):
     if not os.path.exists(path):
         raise SystemExit(f"error: init_from=resume, but {path} does not exist; train one first, or check out_dir")
     ckpt = model.load_checkpoint(path)
-    saved = dict(ckpt["settings"])
-    saved.setdefault("optimizer", "adamw")  # checkpoints from before Muon
+    # checkpoints from before Muon and value embeddings: what they trained with
+    saved = {"optimizer": "adamw", "value_embeds": False, "skips": False, **ckpt["settings"]}
     clash = [f"{k}={given[k]!r} (the checkpoint's: {saved[k]!r})" for k in given
              if k in saved and k not in CHANGE_ON_RESUME and given[k] != saved[k]]
     if clash:
@@ -416,10 +416,15 @@ def resume_checkpoint(given):
 def pick_optimizer():
     """optimizer="": Muon when training from scratch (it was measured there: README), AdamW
     where Muon cannot go (LoRA's low-rank adapters, FSDP's split matrices) and for
-    fine-tuning, whose recipes were tuned with AdamW. The choice goes into checkpoints."""
-    global optimizer
+    fine-tuning, whose recipes were tuned with AdamW. learning_rate=0: each one's best on
+    the quickstart (config/quickstart_trials.md): under Muon, AdamW trains only the
+    embeddings, the head, norms and biases, and they gained from 4x the rate that AdamW
+    was tuned to for the whole model. The choices go into checkpoints."""
+    global optimizer, learning_rate
     if optimizer == "":
         optimizer = "muon" if init_from == "scratch" and lora_rank == 0 and parallel == "ddp" else "adamw"
+    if learning_rate == 0:
+        learning_rate = 2e-2 if optimizer == "muon" else 5e-3
 
 
 def prepare_out_dir(resuming, master):

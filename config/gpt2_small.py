@@ -24,6 +24,7 @@ learning_rate = 6e-4
 # about 0.05 (--muon_lr=0.05), AdamW keeping the rest. Measured here on the quickstart
 # only; on this model and a GPU, not yet.
 optimizer = "adamw"
+value_embeds = False  # GPT-2's architecture; the quickstart's value embeddings are a setting to try
 min_lr = 0.0
 warmup_steps = 700
 schedule = "cosine"

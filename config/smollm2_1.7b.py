@@ -39,6 +39,7 @@ total_batch_size = 1048576  # 2^20 tokens: 8 micro-steps of 8 x 2048 on each of 
 micro_batch = 8
 learning_rate = 5e-4
 optimizer = "adamw"  # sharded (FSDP): Muon needs whole matrices
+value_embeds = False  # SmolLM2's architecture
 min_lr = 0.0
 warmup_steps = 700
 max_steps = 9500  # ~10B tokens, one pass over the data

@@ -30,6 +30,7 @@ learning_rate = 3e-3
 # AdamW, SmolLM2's recipe. Muon (--optimizer=muon, --muon_lr=0.02) is an option from
 # scratch, measured here on the quickstart only (README).
 optimizer = "adamw"
+value_embeds = False  # SmolLM2's architecture; the quickstart's value embeddings are a setting to try
 min_lr = 0.0
 warmup_steps = 700
 max_steps = 18865

@@ -14,6 +14,7 @@ micro_batch = 32
 learning_rate = 1e-3
 # AdamW, as this config was tuned; Muon (--optimizer=muon) is measured on the quickstart only.
 optimizer = "adamw"
+value_embeds = False  # as this config was tuned
 min_lr = 1e-4
 warmup_steps = 200
 max_steps = 5000
