@@ -2422,6 +2422,7 @@ def test_export_to_hugging_face(tiny_data, tmp_path, gpt2):
 
 def test_train_settings_are_checked(tiny_data, tmp_path, monkeypatch):
     import train as train_py
+    monkeypatch.setattr(train_py, "learning_rate", 2e-2)  # main() first resolves the default 0 (pick_optimizer)
     for key, value, msg in [("micro_batch", 0, "1 or more"), ("block_size", 0, "1 or more"),
                             ("eval_interval", 0, "1 or more"), ("log_interval", 0, "1 or more"),
                             ("max_steps", -5, "1 or more"), ("total_batch_size", 100, "multiple of micro_batch"),
