@@ -374,7 +374,8 @@ class GPT(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, docs, None, ve, use_reentrant=False)
             else:
                 x = block(x, rope, docs, cache, ve)
-            outputs.append(x)
+            if self.skip_weights is not None and i < L // 2:  # kept only where a skip will read it
+                outputs.append(x)
         if cache is not None:
             cache.pos += T
         x = self.norm_f(x)
