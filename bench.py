@@ -3,10 +3,11 @@ bench.py: every benchmark of the project, printed as markdown tables.
 
     python bench.py              # every section
     python bench.py tokenizer    # just one
+    python bench.py --tiny       # every section at toy sizes, in seconds: that it runs (the tests do this)
 
 Each section times our code and a reference in the same run, on the same machine,
 and prints the ratio. Numbers go into README.md with the date, device and versions.
-Read the code it measures first: bpe.py, prepare.py, model.py.
+Read the code it measures first: everything else, in the README's reading order.
 """
 import contextlib
 import dataclasses
@@ -28,6 +29,11 @@ import torch.nn.functional as F
 
 import bpe
 import prepare
+
+
+# what --tiny trains instead of the quickstart's model and batch: a few seconds a run
+TINY_TRAIN = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--micro_batch=2",
+              "--total_batch_size=128", "--eval_tokens=256", "--value_embeds=False"]
 
 
 def best_of(*fns, repeat=3):
@@ -68,7 +74,7 @@ def header(title, versions):
 # tokenizer: training time against Hugging Face tokenizers, encoding speed against tiktoken
 
 
-def bench_tokenizer(vocab_sizes=(8192, 32768)):
+def bench_tokenizer(tiny=False):
     import regex
     import tiktoken
     try:
@@ -77,7 +83,8 @@ def bench_tokenizer(vocab_sizes=(8192, 32768)):
         tokenizers = None
     versions = {"regex": regex.__version__, "tiktoken": tiktoken.__version__,
                 "tokenizers": tokenizers.__version__ if tokenizers else "not installed"}
-    docs = list(prepare.stdlib_docs("train"))
+    vocab_sizes = (300,) if tiny else (8192, 32768)
+    docs = list(prepare.stdlib_docs("train"))[:20 if tiny else None]
     text = bpe.EOT.join(docs)
     mb = len(text.encode("utf-8")) / 1e6
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,7 +104,7 @@ def bench_tokenizer(vocab_sizes=(8192, 32768)):
             print(f"| {size} | {t_ours:.2f} s | {hf} | {ratio} |")
 
     # encoding: one core, the last 4 MB of the corpus
-    sample = text[-4_000_000:]
+    sample = text[-(20_000 if tiny else 4_000_000):]
     mb = len(sample.encode("utf-8")) / 1e6
     ours = trained[vocab_sizes[0]]
     rows = [(f"bpe.py pure Python, ours ({ours.n_vocab} tokens)", cold(ours)),
@@ -121,7 +128,7 @@ def bench_tokenizer(vocab_sizes=(8192, 32768)):
     ref = speeds[-1][1] if gpt2 is not None else None
     for name, speed in speeds:
         print(f"| {name} | {speed:.2f} | {f'{speed / ref:.2f}x' if ref else 'n/a'} |")
-    bench_streaming(ours, versions)
+    bench_streaming(ours, versions, 20_000 if tiny else 1_000_000)
 
 
 def chinese_lines(n_bytes, seed=0):
@@ -140,10 +147,10 @@ def chinese_lines(n_bytes, seed=0):
     return lines
 
 
-def bench_streaming(tok, versions):
-    """encode_iterable over the lines of 1 MB of Chinese text against encode() on all of it."""
+def bench_streaming(tok, versions, n_bytes):
+    """encode_iterable over the lines of n_bytes (1 MB) of Chinese text against encode() on all of it."""
     import tracemalloc
-    lines = chinese_lines(1_000_000)
+    lines = chinese_lines(n_bytes)
     text = "".join(lines)
     encode, stream = cold(tok, tok.encode), cold(tok, lambda lines: list(tok.encode_iterable(lines)))
     assert stream(lines) == encode(text), "encode_iterable and encode differ"
@@ -186,15 +193,15 @@ def cold(tok, fn=None):
 # prepare: tokenizing documents into shards over all cores, against one tiktoken process
 
 
-def bench_prepare():
+def bench_prepare(tiny=False):
     import tiktoken
-    docs = list(prepare.stdlib_docs("train"))
+    docs = list(prepare.stdlib_docs("train"))[:20 if tiny else None]
     mb = sum(len(d.encode("utf-8")) for d in docs) / 1e6
     with tempfile.TemporaryDirectory() as tmp:
         try:
             spec, enc = "gpt2", tiktoken.get_encoding("gpt2")
         except Exception:  # offline without tiktoken's cached gpt2 files: our own BPE
-            bpe.train(docs, 4096).save(os.path.join(tmp, "tok.bpe"))
+            bpe.train(docs, 300 if tiny else 4096).save(os.path.join(tmp, "tok.bpe"))
             spec, enc = "tok.bpe", bpe.load_tokenizer("tok.bpe", tmp)
         dtype = prepare.token_dtype(enc.n_vocab)
         # decontamination against the stdlib's own val split, as `python prepare.py` does
@@ -259,29 +266,23 @@ class Baseline(torch.nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
-def train_settings(args=()):
-    """train.py's settings after a config file and overrides, as a dict (its globals untouched)."""
-    import config
-    import train
-    settings = config.setting_names(vars(train))
-    config.configure(settings, list(args), others=config.setting_names(vars(prepare)))
-    return settings
-
-
 def quickstart(**overrides):
     """GPTConfig of the quickstart model (train.py's defaults), and its name for a table."""
     import train
-    cfg = dataclasses.replace(train.model_config(4096, train_settings()), **overrides)
+    cfg = dataclasses.replace(train.model_config(4096), **overrides)
     return cfg, f"{cfg.n_layer} layers, {cfg.n_embd} wide, {cfg.pos} positions, vocab {cfg.vocab_size}"
 
 
-def bench_model():
+def bench_model(tiny=False):
     import model
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg, name = quickstart(pos="learned")  # GPT-2 blocks, as the baseline's
+    cfg, name = quickstart(pos="learned", value_embeds=False)  # GPT-2 blocks, as the baseline's
     shapes = [(f"quickstart shapes, GPT-2 blocks: {name}", cfg, 16 * 512 // cfg.block_size),
               ("GPT-2 124M: 12 layers, 768 wide, vocab 50257", model.GPTConfig(
                   vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768), 1 if device == "cpu" else 8)]
+    if tiny:
+        shapes = [("tiny: 1 layer, 32 wide, vocab 300", model.GPTConfig(vocab_size=300, block_size=32, n_layer=1,
+                                                                       n_head=2, n_embd=32), 2)]
     header(f"Model training step (forward + backward), {device}, fp32", {"torch": torch.__version__})
     print("| model | batch x seq | model.py | nanoGPT-style eager | speedup |")
     print("|---|---|---:|---:|---:|")
@@ -310,13 +311,15 @@ def bench_model():
 # attention: flash.py against SDPA's FlashAttention-2 backend and naive PyTorch (CUDA only)
 
 
-def bench_attention():
-    if not torch.cuda.is_available():
+def bench_attention(tiny=False):
+    cuda = torch.cuda.is_available()
+    if not cuda and not tiny:
         print("\n### Attention\n\nneeds a CUDA GPU: skipped")
         return
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    import flash
+    import flash  # on a CPU (--tiny), through triton's interpreter, which test_all.py and bench --tiny set
+    dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)  # the interpreter's bf16 dot is wrong
 
     def naive(q, k, v, causal):  # (B, H, N, D): the whole score matrix in memory
         s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
@@ -332,44 +335,51 @@ def bench_attention():
              "SDPA flash": lambda q, k, v, c: sdpa(*(x.transpose(1, 2) for x in (q, k, v)), c).transpose(1, 2),
              "naive": lambda q, k, v, c: naive(*(x.transpose(1, 2) for x in (q, k, v)), c).transpose(1, 2)}
 
+    def ms(fn):  # triton's CUDA-event timing; on a CPU the best of 2 runs
+        return triton.testing.do_bench(fn) if cuda else best_of(fn, repeat=2) * 1e3
+
     def measure(fn, q, k, v, causal):
         """ms for forward, backward, forward + backward, and the peak memory of a step in MB."""
         do = torch.randn_like(q)
-        fwd = triton.testing.do_bench(lambda: fn(q, k, v, causal))
+        fwd = ms(lambda: fn(q, k, v, causal))
         o = fn(q, k, v, causal)
-        bwd = triton.testing.do_bench(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True))
-        both = triton.testing.do_bench(lambda: torch.autograd.grad(fn(q, k, v, causal), (q, k, v), do))
+        bwd = ms(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True))
+        both = ms(lambda: torch.autograd.grad(fn(q, k, v, causal), (q, k, v), do))
         o = None  # free it before measuring the peak
+        if not cuda:
+            return fwd, bwd, both, 0.0
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         torch.autograd.grad(fn(q, k, v, causal), (q, k, v), do)
         return fwd, bwd, both, (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
-    header(f"Attention, bf16, {torch.cuda.get_device_name()}: TFLOP/s (forward 4·B·H·N²·d, halved when causal; "
-           "backward 2.5x that)", {"torch": torch.__version__, "triton": triton.__version__})
+    tokens, heads_dims, lengths = (128, (32,), (64,)) if tiny else (16384, (64, 128), (512, 1024, 2048, 4096, 8192, 16384))
+    header(f"Attention, {str(dtype)[6:]}, {torch.cuda.get_device_name() if cuda else cpu_name()}: TFLOP/s (forward "
+           "4·B·H·N²·d, halved when causal; backward 2.5x that)", {"torch": torch.__version__, "triton": triton.__version__})
     print("| N | d | causal | flash.py fwd / bwd / both | SDPA fwd / bwd / both | naive both | both vs SDPA | "
           "peak MB flash.py / SDPA |")
     print("|---:|---:|---|---|---|---:|---:|---|")
-    for d in (64, 128):
+    for d in heads_dims:
         for causal in (True, False):
-            for n in (512, 1024, 2048, 4096, 8192, 16384):
-                B, H = max(1, 16384 // n), 2048 // d  # 16k tokens of a 2048-wide model
-                q, k, v = (torch.randn(B, n, H, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-                           for _ in range(3))
+            for n in lengths:
+                B, H = max(1, tokens // n), (2048 if not tiny else 64) // d  # 16k tokens of a 2048-wide model
+                q, k, v = (torch.randn(B, n, H, d, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
                 flops = 4 * B * H * n * n * d / (2 if causal else 1)
                 res = {name: measure(fn, q, k, v, causal) for name, fn in impls.items()
                        if name != "naive" or n <= 4096}
                 tf = {name: [f / t * 1e-9 for f, t in zip((flops, 2.5 * flops, 3.5 * flops), r[:3])]
                       for name, r in res.items()}
-                fmt = lambda xs: " / ".join(f"{x:.0f}" for x in xs)  # noqa: E731
-                naive_both = f"{tf['naive'][2]:.0f}" if "naive" in tf else "n/a"
+                fmt = lambda xs: " / ".join(f"{x:.3g}" for x in xs)  # noqa: E731
+                naive_both = f"{tf['naive'][2]:.3g}" if "naive" in tf else "n/a"
                 print(f"| {n} | {d} | {causal} | {fmt(tf['flash.py'])} | {fmt(tf['SDPA flash'])} | {naive_both} | "
                       f"**{res['SDPA flash'][2] / res['flash.py'][2]:.2f}x** | "
                       f"{res['flash.py'][3]:.0f} / {res['SDPA flash'][3]:.0f} |")
-    q, k, v = (torch.randn(1, 16384, 16, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    ms = {name: measure(impls[name], q, k, v, True)[2] for name in ("flash.py", "SDPA flash")}
-    print(f"\nB=1, H=16, N=16384, d=64, causal, bf16, forward + backward: flash.py {ms['flash.py']:.2f} ms, "
-          f"SDPA flash {ms['SDPA flash']:.2f} ms")
+    if tiny:
+        return
+    q, k, v = (torch.randn(1, 16384, 16, 64, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+    both = {name: measure(impls[name], q, k, v, True)[2] for name in ("flash.py", "SDPA flash")}
+    print(f"\nB=1, H=16, N=16384, d=64, causal, bf16, forward + backward: flash.py {both['flash.py']:.2f} ms, "
+          f"SDPA flash {both['SDPA flash']:.2f} ms")
 
 
 # -----------------------------------------------------------------------------
@@ -411,12 +421,12 @@ def bench_kernels():
 # against a plain eager PyTorch loop over the same model
 
 
-def bench_train(config=None, steps=30):
-    import subprocess
+def bench_train(tiny=False, data_dir="data", config=None):
+    import checkpoint
     import model
-    import train
-    args = [config] if config else []  # the quickstart by default
-    note(f"train: {steps} steps of train.py {' '.join(args) or '(the quickstart)'}, then a plain loop")
+    args = ([config] if config else []) + (TINY_TRAIN if tiny else []) + [f"--data_dir={data_dir}"]
+    steps = 12 if tiny else 30
+    note(f"train: {steps} steps of train.py {config or '(the quickstart)'}, then a plain loop")
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "train.py", *args, f"--max_steps={steps}", "--eval_interval=100000",
                "--log_interval=10", f"--out_dir={tmp}", "--warmup_steps=1", "--optimizer=adamw"]  # as the loop
@@ -428,11 +438,13 @@ def bench_train(config=None, steps=30):
         ours = [r for r in logs if r["step"] > 10]  # after the first steps (warm-up, compilation)
         tps = sum(r["tokens_per_s"] for r in ours) / len(ours)
         mfu = ours[-1]["mfu"]
-    # the baseline: the same model and batch, a bare loop (no accumulation bookkeeping, no logging)
-    s = train_settings(args)
+        # the baseline: the same model and batch (as the run's checkpoint says), a bare loop
+        # (no accumulation bookkeeping, no logging)
+        ckpt = checkpoint.load_checkpoint(os.path.join(tmp, "ckpt.pt"))
+    s, cfg = ckpt["settings"], model.GPTConfig(**ckpt["model_config"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = dataclasses.replace(train.model_config(4096 if not config else 50257, s), attn="sdpa")
     m = model.GPT(cfg).to(device)
+    m.attn, m.loss_chunk = "sdpa", s["loss_chunk"]  # torch's attention, the run's loss
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
     idx = torch.randint(0, cfg.vocab_size, (s["micro_batch"], s["block_size"]), device=device)
     accum = s["total_batch_size"] // (s["micro_batch"] * s["block_size"])
@@ -455,25 +467,25 @@ def bench_train(config=None, steps=30):
     print(f"| plain eager PyTorch loop, same model (reference) | {base_tps:,.0f} | | 1.00x |")
     print(f"| train.py (steps 11-{steps}) | {tps:,.0f} | {f'{mfu:.1%}' if mfu else 'n/a'} | **{tps / base_tps:.2f}x** |")
     if not config:
-        bench_optimizers()
+        bench_optimizers(2 if tiny else 120, args)
 
 
-def bench_optimizers(budget=120):
+def bench_optimizers(budget, args):
     """AdamW against Muon on the quickstart at equal time: each first runs 20 steps to
     measure its own step time, then as many steps as fit in `budget` seconds of training
     (the schedule fit to them). Evaluation and start-up come on top, alike for both."""
     rows = []
     for name in ("adamw", "muon"):
         with tempfile.TemporaryDirectory() as tmp:
-            logs = quickstart_run(tmp, f"--optimizer={name}", "--max_steps=20", "--eval_tokens=256")
+            logs = quickstart_run(tmp, *args, f"--optimizer={name}", "--max_steps=20", "--eval_tokens=256")
             step_ms = np.mean([r["step_ms"] for r in logs if "step_ms" in r and r["step"] > 10])
-        steps = int(budget * 1000 / step_ms)
+        steps = max(1, int(budget * 1000 / step_ms))
         note(f"train: {steps} quickstart steps with {name} ({step_ms:.0f} ms a step)")
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            logs = quickstart_run(tmp, f"--optimizer={name}", f"--max_steps={steps}", f"--eval_interval={steps}")
+            logs = quickstart_run(tmp, *args, f"--optimizer={name}", f"--max_steps={steps}", f"--eval_interval={steps}")
             wall = time.perf_counter() - t0
-        tps = np.mean([r["tokens_per_s"] for r in logs if "tokens_per_s" in r and r["step"] > 10])
+        tps = np.mean([r["tokens_per_s"] for r in logs if "tokens_per_s" in r and r["step"] > min(10, steps - 1)])
         rows.append((name, steps, tps, wall, [r["val_bpb"] for r in logs if "val_bpb" in r][-1]))
     header(f"AdamW against Muon: {budget} s of quickstart training each (the schedule fit to the steps)",
            {"torch": torch.__version__})
@@ -497,17 +509,21 @@ def quickstart_run(out_dir, *args):
 
 
 def memory_variants(chunk):
+    """How the model runs in each variant: its attributes loss_chunk and activation_checkpointing."""
     return {"plain": dict(loss_chunk=0, activation_checkpointing=False),
             f"chunked loss, {chunk} tokens a chunk": dict(loss_chunk=chunk, activation_checkpointing=False),
             "chunked loss + activation checkpointing": dict(loss_chunk=chunk, activation_checkpointing=True)}
 
 
-def training_step(cfg, batch, device):
-    """A model of cfg (a dict of GPTConfig fields) and a function that runs one training step
-    of it: forward and backward, with bf16 autocast on CUDA as train.py."""
+def training_step(cfg, batch, device, options):
+    """A model of cfg (a dict of GPTConfig fields), run with `options` (memory_variants),
+    and a function that runs one training step of it: forward and backward, with bf16
+    autocast on CUDA as train.py."""
     import model
     torch.manual_seed(0)
     m = model.GPT(model.GPTConfig(**cfg)).to(device)
+    for key, value in options.items():
+        setattr(m, key, value)
     idx = torch.randint(0, m.cfg.vocab_size, (batch, m.cfg.block_size), device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
 
@@ -538,30 +554,30 @@ def peak_mb(fn, device):
     return (kb("VmHWM") - base) / 1024
 
 
-def memory_peak(cfg, batch, keep_freed):
+def memory_peak(cfg, options, batch, keep_freed):
     """One training step's peak memory in MB. Run in a fresh process: one whose allocator
     already holds freed memory would reuse it and show a lower peak."""
     import train
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if keep_freed and device == "cpu":
         train.keep_freed_memory()
-    return peak_mb(training_step(cfg, batch, device)[1], device)
+    return peak_mb(training_step(cfg, batch, device, options)[1], device)
 
 
 def memory_times(cfg, batch, variants, repeat):
-    """Seconds of a training step in each variant (GPTConfig fields to set), alternating,
-    best of `repeat`, after one step each to warm up. Run in its own process, with
-    train.py's keep_freed_memory on a CPU, which must not change the other sections."""
-    import model
+    """Seconds of a training step in each variant (the model's attributes to set),
+    alternating, best of `repeat`, after one step each to warm up. Run in its own process,
+    with train.py's keep_freed_memory on a CPU, which must not change the other sections."""
     import train
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         train.keep_freed_memory()
-    m, step = training_step(cfg, batch, device)
+    m, step = training_step(cfg, batch, device, {})
 
     def run(variant):
         def fn():
-            model.run_with(m, **variant)
+            for key, value in variant.items():
+                setattr(m, key, value)
             step()
         return fn
     fns = [run(v) for v in variants]
@@ -580,24 +596,30 @@ def in_fresh_process(fn, *args):
     return json.loads(run.stdout.splitlines()[-1])
 
 
-def bench_memory(chunk=1024):
+def bench_memory(tiny=False):
     import model
+    import train
     device = "cuda" if torch.cuda.is_available() else "cpu"
     qs, name = quickstart()
     gpt2 = model.GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
-    shapes = [(f"the quickstart: {name}", qs, train_settings()["micro_batch"], 3),
+    shapes = [(f"the quickstart: {name}", qs, train.micro_batch, 3),
               ("GPT-2 124M: 12 layers, 768 wide, vocab 50257", gpt2, 8, 2)]
+    chunk, fresh = 1024, in_fresh_process
+    if tiny:  # in this process: the peaks then count what earlier steps left in the heap
+        chunk, fresh = 16, lambda fn, *args: fn(*args)
+        shapes = [("tiny: 1 layer, 32 wide", model.GPTConfig(vocab_size=300, block_size=32, n_layer=1, n_head=2,
+                                                              n_embd=32), 2, 1)]
     rows = []
     for name, cfg, batch, repeat in shapes:
         variants = memory_variants(chunk)
         note(f"memory: {name}, {batch} x {cfg.block_size}: step times, alternating, best of {repeat}")
-        times = in_fresh_process(memory_times, dataclasses.asdict(cfg), batch, list(variants.values()), repeat)
+        times = fresh(memory_times, dataclasses.asdict(cfg), batch, list(variants.values()), repeat)
         for (label, variant), t in zip(variants.items(), times):
-            run = dataclasses.asdict(dataclasses.replace(cfg, **variant))
+            run = dataclasses.asdict(cfg)
             note(f"memory: {name}, {label}: peaks, each in a fresh process")
             # the loss alone: the model without blocks (embedding, final norm, head, loss)
-            loss = [in_fresh_process(memory_peak, dict(run, n_layer=0), batch, keep) for keep in (True, False)]
-            step = [in_fresh_process(memory_peak, run, batch, keep) for keep in (True, False)]
+            loss = [fresh(memory_peak, dict(run, n_layer=0), variant, batch, keep) for keep in (True, False)]
+            step = [fresh(memory_peak, run, variant, batch, keep) for keep in (True, False)]
             rows.append((name, f"{batch} x {cfg.block_size}", label, loss, step, t, times[0]))
     header(f"Training memory: the loss and a training step (forward + backward), {device}, "
            f"{'bf16 autocast' if device == 'cuda' else 'fp32'}", {"torch": torch.__version__})
@@ -612,12 +634,14 @@ def bench_memory(chunk=1024):
 # sample: generation with the KV cache against recomputing the whole context every step
 
 
-def bench_sample(new_tokens=512):
+def bench_sample(tiny=False):
     import model
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg, name = quickstart()
+    new_tokens = 16 if tiny else 512
+    cfg, name = quickstart(**(dict(n_layer=1, n_embd=32, n_head=2, n_kv_head=2, mlp_hidden=128, block_size=32)
+                              if tiny else {}))
     shapes = [(f"the quickstart's: {name}, block {cfg.block_size}", cfg)]
-    if device == "cuda":
+    if device == "cuda" and not tiny:
         shapes.append(("GPT-2 124M, block 1024", model.GPTConfig(vocab_size=50257, block_size=1024, n_layer=12,
                                                                   n_head=12, n_embd=768)))
     header(f"Sampling {new_tokens} new tokens, batch 1, {device}", {"torch": torch.__version__})
@@ -645,7 +669,7 @@ def bench_sample(new_tokens=512):
                 torch.cuda.synchronize()
 
         t_cache, t_plain = best_of(lambda: sync(lambda: m.generate(idx, new_tokens)), lambda: sync(no_cache),
-                                   repeat=4)
+                                   repeat=1 if tiny else 4)
         print(f"| {name} | {new_tokens / t_cache:.0f} tok/s | {new_tokens / t_plain:.0f} tok/s | "
               f"**{t_plain / t_cache:.1f}x** |")
 
@@ -676,7 +700,6 @@ def lora_domains(root):
 
 def run_script(args, log):
     """Runs a script to the end; its exit code and its peak memory (max RSS, MB)."""
-    import subprocess
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, *args], stdout=out, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
@@ -685,10 +708,9 @@ def run_script(args, log):
 
 def val_bpb(ckpt_path, data_dir):
     """A checkpoint's val bits per byte on a prepared dataset, as train.py evaluates it."""
-    import model
+    import checkpoint
     import train
-    ckpt = model.load_checkpoint(ckpt_path)
-    m = model.merge_lora(model.model_from_checkpoint(ckpt))
+    m, _, ckpt = checkpoint.load_model(ckpt_path)
     meta, enc = prepare.load_meta(data_dir)
     block = ckpt["settings"]["block_size"]
     val = train.val_sequences(data_dir, block, ckpt["settings"]["eval_tokens"] // block)
@@ -697,30 +719,33 @@ def val_bpb(ckpt_path, data_dir):
 
 
 # the quickstart as it was when the study ran (README): its settings since changed
-STUDY_QUICKSTART = ["--total_batch_size=8192", "--learning_rate=5e-3", "--value_embeds=False", "--eval_interval=200"]
+STUDY_QUICKSTART = ["--learning_rate=5e-3", "--value_embeds=False", "--eval_interval=200"]
 
 
-def bench_lora(steps=100, ranks=(4, 16, 64), base_steps=400, root=os.path.join("out", "lora_study")):
-    import model
+def bench_lora(tiny=False, root=os.path.join("out", "lora_study")):
+    import checkpoint
+    steps, ranks, base_steps, study = (2, (2,), 2, TINY_TRAIN + ["--total_batch_size=128"]) if tiny else \
+        (100, (4, 16, 64), 400, STUDY_QUICKSTART + ["--total_batch_size=8192"])
     data, runs = os.path.join(root, "data"), os.path.join(root, "runs")
     os.makedirs(runs, exist_ok=True)
     if not os.path.exists(os.path.join(data, "new", "meta.json")):
         note("lora: splitting the stdlib into the old domain and the GUI code, and preparing both")
         lora_domains(os.path.join(root, "src"))
-        for args in [[f"--dataset={root}/src/old", "--tokenizer=bpe:4096", "--val_fraction=0.02"],
+        for args in [[f"--dataset={root}/src/old", f"--tokenizer=bpe:{300 if tiny else 4096}", "--val_fraction=0.02"],
                      [f"--dataset={root}/src/new", f"--tokenizer={data}/old", "--val_fraction=0.1"]]:
-            code, _ = run_script(["prepare.py", *args, f"--data_dir={data}"], os.path.join(root, "prepare.log"))
+            code, _ = run_script(["prepare.py", *args, f"--data_dir={data}", *(["--max_docs=60"] if tiny else [])],
+                                 os.path.join(root, "prepare.log"))
             assert code == 0, open(os.path.join(root, "prepare.log")).read()[-2000:]
     base = os.path.join(runs, "base", "ckpt.pt")
     if not os.path.exists(base):
         note(f"lora: pretraining the base on the old domain (the quickstart's model, {base_steps} steps)")
         code, _ = run_script(["train.py", f"--data_dir={data}", "--dataset=old", f"--out_dir={runs}/base",
-                              f"--max_steps={base_steps}", *STUDY_QUICKSTART], os.path.join(runs, "base.log"))
+                              f"--max_steps={base_steps}", *study], os.path.join(runs, "base.log"))
         assert code == 0, open(os.path.join(runs, "base.log")).read()[-2000:]
     # the same steps and tokens for every method; full at a fifth of pretraining's lr, the adapters at 10x that
     common = [f"--data_dir={data}", "--dataset=new", f"--init_from={base}", f"--max_steps={steps}",
-              f"--eval_interval={steps}", "--warmup_steps=10", "--log_interval=10", "--overwrite",
-              "--total_batch_size=8192"]
+              f"--eval_interval={steps}", f"--warmup_steps={min(10, steps)}", "--log_interval=10", "--overwrite",
+              study[-1], *(["--block_size=32", "--micro_batch=2", "--eval_tokens=256"] if tiny else [])]
     methods = [("full", 0, ["--learning_rate=1e-3"])] + [
         (variant, r, [f"--lora_rank={r}", f"--lora_alpha={2 * r}", f"--lora_variant={variant}", "--learning_rate=1e-2"])
         for variant in ("lora", "rslora", "dora") for r in ranks]
@@ -732,13 +757,14 @@ def bench_lora(steps=100, ranks=(4, 16, 64), base_steps=400, root=os.path.join("
         assert code == 0, open(out + ".log").read()[-2000:]
         logs = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
         step_ms = np.median([r["step_ms"] for r in logs if "step_ms" in r])
-        ckpt = model.load_checkpoint(os.path.join(out, "ckpt.pt"))
+        ckpt = checkpoint.load_checkpoint(os.path.join(out, "ckpt.pt"))
         trained = sum(t.numel() for t in ckpt["model"].values()) if ckpt["lora"] else None
         if trained is None:
-            trained = model.model_from_checkpoint(ckpt).num_params()
+            trained = checkpoint.model_from_checkpoint(ckpt).num_params()
         rows.append((name, rank, trained, step_ms, peak, [r for r in logs if "val_bpb" in r][-1]["val_bpb"],
                      val_bpb(os.path.join(out, "ckpt.pt"), f"{data}/old")))
-    header(f"LoRA against full fine-tuning: {steps} steps of 8192 tokens on the stdlib's GUI code, cpu",
+    header(f"LoRA against full fine-tuning: {steps} steps of {study[-1].split('=')[1]} tokens on the stdlib's GUI "
+           "code, cpu",
            {"torch": torch.__version__})
     print("| method | rank | trainable params | step time | peak memory | new domain val bpb (learns) | "
           "old domain val bpb after (forgets) |")
@@ -749,7 +775,8 @@ def bench_lora(steps=100, ranks=(4, 16, 64), base_steps=400, root=os.path.join("
     # a run that ended worse than the base on the new domain learned nothing (diverged):
     # left out of the plot, where it would squeeze the others into a corner
     learned = [(f"{n[0].upper()}{r or ''}", old, new) for n, r, _, _, _, new, old in rows[1:] if new < rows[0][5]]
-    print("\n" + text_plot(learned, "old domain bpb (forgets: to the right)", "new domain bpb (learns: down)"))
+    if learned:
+        print("\n" + text_plot(learned, "old domain bpb (forgets: to the right)", "new domain bpb (learns: down)"))
     print("\nF: full, L: LoRA, R: rsLoRA, D: DoRA, with the rank. Not plotted (no better than the base on "
           "the new domain): " + (", ".join(f"{n} {r}" for n, r, *_, new, _ in rows[1:] if new >= rows[0][5]) or "none"))
 
@@ -772,21 +799,25 @@ def text_plot(points, xlabel, ylabel, width=60, height=16):
 # fsdp: peak memory per process under DDP and under FSDP, 2 processes on the CPU (gloo)
 
 
-def bench_fsdp(steps=3):
+def bench_fsdp(tiny=False, data_dir=None):
     """The same training steps of a 170M-weight model (680 MB in fp32) on 2 processes: DDP
     keeps all of its weights, gradients and AdamW state in each, FSDP half of them. Peak
     memory is the largest max RSS of the processes, so it includes what every process has
     anyway (Python, torch, data): a smaller model's run gives that floor."""
     import model
+    steps, layers, width, block = (1, 2, 64, 32) if tiny else (3, 24, 768, 256)
     with tempfile.TemporaryDirectory() as tmp:
-        note("fsdp: preparing a small dataset")
-        code, _ = run_script(["prepare.py", f"--data_dir={tmp}", "--max_docs=40", "--tokenizer=bpe:300"],
-                             os.path.join(tmp, "prepare.log"))
-        assert code == 0, open(os.path.join(tmp, "prepare.log")).read()[-2000:]
+        if not tiny:
+            note("fsdp: preparing a small dataset")
+            code, _ = run_script(["prepare.py", f"--data_dir={tmp}", "--max_docs=40", "--tokenizer=bpe:300"],
+                                 os.path.join(tmp, "prepare.log"))
+            assert code == 0, open(os.path.join(tmp, "prepare.log")).read()[-2000:]
         # 2 sequences of 256 tokens on each process: a step without accumulation, small activations
-        common = [f"--data_dir={tmp}", f"--max_steps={steps}", f"--eval_interval={steps}", "--eval_tokens=2048",
-                  "--block_size=256", "--micro_batch=2", "--total_batch_size=1024", "--device=cpu"]
-        big, floor = ["--n_layer=24", "--n_head=12", "--n_embd=768"], ["--n_layer=1", "--n_head=2", "--n_embd=64"]
+        common = [f"--data_dir={data_dir or tmp}", f"--max_steps={steps}", f"--eval_interval={steps}",
+                  f"--eval_tokens={8 * block}", f"--block_size={block}", "--micro_batch=2",
+                  f"--total_batch_size={4 * block}", "--device=cpu", "--value_embeds=False"]
+        big = [f"--n_layer={layers}", f"--n_head={width // 64}", f"--n_embd={width}"]
+        floor = ["--n_layer=1", "--n_head=2", "--n_embd=64"]
         rows = []
         for i, (name, shape, parallel) in enumerate([("floor: 1 block, 64 wide", floor, "ddp"), ("DDP", big, "ddp"),
                                                      ("FSDP", big, "fsdp")]):
@@ -796,7 +827,7 @@ def bench_fsdp(steps=3):
                                      *common, *shape, f"--parallel={parallel}", f"--out_dir={tmp}/run{i}"], log)
             assert code == 0, open(log).read()[-2000:]
             rows.append((name, peak))
-    cfg = model.GPTConfig(vocab_size=300, block_size=256, n_layer=24, n_head=12, n_embd=768, attn="sdpa")
+    cfg = model.GPTConfig(vocab_size=300, block_size=block, n_layer=layers, n_head=width // 64, n_embd=width)
     with torch.device("meta"):
         n = model.GPT(cfg).num_params()
     header(f"Peak memory per process, 2 processes on the CPU: {n / 1e6:.0f}M weights ({n * 4 / 1e6:.0f} MB fp32), "
@@ -806,19 +837,36 @@ def bench_fsdp(steps=3):
     floor_mb, ddp_mb = rows[0][1], rows[1][1]
     for name, peak in rows:
         above = peak - floor_mb
-        print(f"| {name} | {peak:,.0f} MB | {f'{above:,.0f} MB' if above else ''} | "
-              f"{f'**{above / (ddp_mb - floor_mb):.2f}x**' if above else ''} |")
+        vs = above / (ddp_mb - floor_mb) if ddp_mb != floor_mb else float("nan")
+        print(f"| {name} | {peak:,.0f} MB | {f'{above:,.0f} MB' if above else ''} | {f'**{vs:.2f}x**' if above else ''} |")
 
 
 SECTIONS = {"tokenizer": bench_tokenizer, "prepare": bench_prepare, "train": bench_train, "model": bench_model,
             "attention": bench_attention, "kernels": bench_kernels, "sample": bench_sample,
             "memory": bench_memory, "fsdp": bench_fsdp}  # train first: its subprocess wants idle cores
 STUDIES = {"lora": bench_lora}  # longer experiments, run only when named: python bench.py lora
+NEEDS_DATA = ("train", "fsdp")  # sections that train on a prepared dataset: --data_dir (the quickstart's data/)
+
+
+def main(argv):
+    """python bench.py [--tiny] [--data_dir=DIR] [section ...]"""
+    tiny, data_dir, names = False, "data", []
+    for arg in argv:
+        if arg == "--tiny":
+            tiny = True
+        elif arg.startswith("--data_dir="):
+            data_dir = arg.split("=", 1)[1]
+        elif arg in SECTIONS or arg in STUDIES:
+            names.append(arg)
+        else:
+            sys.exit(f"bench.py: unknown section or flag {arg!r}; choose from --tiny, --data_dir=DIR, "
+                     f"{', '.join(SECTIONS | STUDIES)}")
+    for name in names or list(SECTIONS):
+        kwargs = {"data_dir": data_dir} if name in NEEDS_DATA else {}
+        if name == "lora" and tiny:
+            kwargs["root"] = tempfile.mkdtemp(prefix="lora_study_")
+        (SECTIONS | STUDIES)[name](tiny=tiny, **kwargs)
+
 
 if __name__ == "__main__":
-    names = sys.argv[1:] or list(SECTIONS)
-    for name in names:
-        if name not in SECTIONS | STUDIES:
-            sys.exit(f"bench.py: unknown section {name!r}; choose from {', '.join(SECTIONS | STUDIES)}")
-    for name in names:
-        (SECTIONS | STUDIES)[name]()
+    main(sys.argv[1:])

@@ -39,6 +39,8 @@ import time
 
 import regex  # the stdlib `re` has no \p{L} (any letter) classes
 
+from config import atomic_write
+
 # GPT-2's split: contractions, letters, digits, other symbols (each may take one
 # leading space), then whitespace. `\s+(?!\S)` leaves the last space of a run to
 # start the next word, so " world" stays one word after many spaces.
@@ -267,6 +269,11 @@ def batched(texts):
             batch, n = [], 0
     if batch:
         yield batch
+
+
+# -----------------------------------------------------------------------------
+# Work over all cores, in order: speed trick 1's engine (count_words below), which
+# prepare.py also uses to encode documents. Worker processes, each fed its jobs in turn
 
 
 def _worker(conn, fn):
@@ -706,7 +713,7 @@ class Tokenizer:
         for themselves, the others for chr(256), chr(257), ... in byte order. vocab: token
         string -> id; merges: pairs of token strings. An entry that is neither a byte nor
         made by a merge must be a special token: named in `specials`, or <|...|>."""
-        byte_of = _printable()
+        byte_of = printable_bytes()
         made = {a + b for a, b in merges}
         specials = {s for s in vocab if s in specials or s not in byte_of and s not in made and
                     s.startswith("<|") and s.endswith("|>")}
@@ -717,8 +724,6 @@ class Tokenizer:
         as_bytes = lambda s: bytes(byte_of[c] for c in s)  # noqa: E731
         ranks = {as_bytes(s): i for s, i in vocab.items() if s not in specials}
         return cls(ranks, [(as_bytes(a), as_bytes(b)) for a, b in merges], {s: vocab[s] for s in specials}, pattern)
-
-    # --- Hugging Face's formats, written (for export) ---
 
     @classmethod
     def from_tiktoken(cls, enc, pattern=GPT2_PATTERN):
@@ -739,40 +744,6 @@ class Tokenizer:
             if len(parts) == 2:
                 merges.append((parts[0], parts[1]))
         return cls(ranks, merges, specials, pattern)
-
-    def to_hf_json(self):
-        """The text of a Hugging Face tokenizer.json of this byte-level BPE, which gives the
-        same ids: bytes written as GPT-2's printable characters, the merges in order, the
-        special tokens as added tokens, and the split pattern (GPT-2's is ByteLevel's own)."""
-        char = {b: c for c, b in _printable().items()}
-        name = lambda t: "".join(char[b] for b in t)  # noqa: E731
-        regex_split = [{"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated", "invert": False}]
-        pre = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
-               "use_regex": self.pattern == GPT2_PATTERN}
-        if self.pattern != GPT2_PATTERN:
-            pre = {"type": "Sequence", "pretokenizers": regex_split + [pre]}
-        merges = self.merges or Tokenizer.from_tiktoken(self.to_tiktoken(), self.pattern).merges
-        return json.dumps({
-            "version": "1.0", "truncation": None, "padding": None, "normalizer": None, "pre_tokenizer": pre,
-            "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-                              "normalized": False, "special": True} for s, i in sorted(self.special_tokens.items())],
-            "post_processor": None, "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
-                                                "use_regex": True},
-            # ignore_merges: a word that is a token whole is that token, as tiktoken (and encode) do
-            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-                      "vocab": {name(t): i for t, i in sorted(self.ranks.items(), key=lambda kv: kv[1])},
-                      "merges": [[name(a), name(b)] for a, b in merges]}}, ensure_ascii=False)
-
-    def to_gpt2_files(self):
-        """The texts of GPT-2's two files for this tokenizer: vocab.json (encoder.json) and
-        merges.txt (vocab.bpe), which from_gpt2_files reads."""
-        char = {b: c for c, b in _printable().items()}
-        name = lambda t: "".join(char[b] for b in t)  # noqa: E731
-        vocab = {name(t): i for t, i in self.ranks.items()} | self.special_tokens
-        merges = self.merges or Tokenizer.from_tiktoken(self.to_tiktoken(), self.pattern).merges
-        return json.dumps(vocab, ensure_ascii=False), "#version: 0.2\n" + "".join(f"{name(a)} {name(b)}\n"
-                                                                               for a, b in merges)
 
     # --- the fast path ---
 
@@ -795,7 +766,7 @@ class Tokenizer:
                                  special_tokens=self.special_tokens)
 
 
-def _printable():
+def printable_bytes():
     """GPT-2's printable stand-in for each byte (char -> byte): bytes that print stand for
     themselves, the others for chr(256), chr(257), ... in byte order."""
     printable = {*range(33, 127), *range(161, 173), *range(174, 256)}
@@ -830,6 +801,12 @@ def _read_text(path):
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: corrupt tokenizer file (not UTF-8 text: {e.reason} at byte {e.start}); "
                          "train it again with bpe.py or prepare.py") from None
+
+
+def same_tokenizer(a, b):
+    """Whether two tiktoken.Encodings give the same ids for every text: the same tokens,
+    special tokens and split pattern (tiktoken keeps these in attributes of its own)."""
+    return (a._mergeable_ranks, a._special_tokens, a._pat_str) == (b._mergeable_ranks, b._special_tokens, b._pat_str)
 
 
 def load_tokenizer(name, directory=None, files=None, where=None, fast=True):
@@ -869,24 +846,6 @@ def load_tokenizer(name, directory=None, files=None, where=None, fast=True):
     except FileNotFoundError as e:
         raise ValueError(str(e)) from None
     return tok.to_tiktoken() if fast else tok
-
-
-@contextlib.contextmanager
-def atomic_write(path, mode="w"):
-    """with atomic_write(path) as f: ... writes to a temp file beside `path` and renames it
-    into place only when the block finishes; on an error or Ctrl-C the temp file goes and
-    `path` is left as it was. So a half-written file never looks complete. Every script
-    writes its files (tokenizers, shards, meta.json, checkpoints) through this."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename, so a crash cannot leave an empty file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # -----------------------------------------------------------------------------

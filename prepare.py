@@ -10,7 +10,7 @@ count), then the tokens as uint16 (or uint32 for vocabularies of 65536 and more)
 end-of-text token comes before each document, as in llm.c's FineWeb shards.
 
 Downloading anything, datasets and pretrained weights and tokenizer files alike, happens
-here (download, pretrained_dir; model.py fetches weights through them), and the shard
+here (download, pretrained_dir; hf.py fetches weights through them), and the shard
 reader sits beside the writer (read_shard; train.py streams shards with it). The
 settings come from config/ (configure).
 Read next: model.py
@@ -30,7 +30,7 @@ import numpy as np
 import requests
 
 import bpe
-from config import check, configure, setting_names
+from config import atomic_write, check, configure, setting_names
 
 # -----------------------------------------------------------------------------
 # settings: these defaults, then a config file, then --key=value (config/__init__.py)
@@ -248,7 +248,7 @@ def write_shard(path, tokens, dtype):
     """Writes tokens to path atomically: a temp file, then a rename."""
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = *FORMATS[np.dtype(dtype)], len(tokens)
-    with bpe.atomic_write(path, "wb") as f:
+    with atomic_write(path, "wb") as f:
         f.write(header.tobytes())
         f.write(np.asarray(tokens, dtype=np.dtype(dtype).newbyteorder("<")).tobytes())
 
@@ -508,7 +508,7 @@ def build_eval_index(enc, out):
         rows.append({"name": name, "examples": len(tokens), "checked": sum(len(t) >= ngram for t in tokens),
                      "removed_documents": 0, "removed_tokens": 0})
     path = os.path.join(out, "eval_index.npz")
-    with bpe.atomic_write(path, "wb") as f:
+    with atomic_write(path, "wb") as f:
         np.savez(f, **eval_index(examples, ngram))
     return path, rows
 
@@ -600,14 +600,18 @@ def decontamination_report(rows, kept, dropped):
             "removed_documents": len(dropped), "tokens_before": total, "tokens_kept": kept["tokens"] / max(total, 1)}
 
 
+def unknown_dataset(name):
+    """The error for a dataset that is neither a known name nor a path (train.py's too)."""
+    close = difflib.get_close_matches(name, DATASETS, n=1)
+    return (f"unknown dataset {name!r}{f'; did you mean {close[0]!r}?' if close else ''} Known: "
+            f"{', '.join(DATASETS)}; or give your own data as a path (a text file, a folder, a .jsonl)")
+
+
 def check_settings():
     """Every setting, checked before anything on disk changes."""
     own = dataset not in DATASETS
     if own and not os.path.exists(dataset):
-        close = difflib.get_close_matches(dataset, DATASETS, n=1)
-        raise SystemExit(f"error: unknown dataset {dataset!r}{f'; did you mean {close[0]!r}?' if close else ''} "
-                         f"Known: {', '.join(DATASETS)}; or give your own data as a path (a text file, a folder, "
-                         "a .jsonl)")
+        raise SystemExit(f"error: {unknown_dataset(dataset)}")
     if own and next(read_docs(dataset), None) is None:
         raise SystemExit(f"error: {dataset} holds no documents (it is empty, or only whitespace)")
     spec = tokenizer or ("gpt2" if own else DATASETS[dataset]["tokenizer"])
@@ -657,7 +661,7 @@ def prepare():
     t0 = time.time()
     meta = fetch_shards(info["shards"], out) if "shards" in info else tokenize_dataset(out, spec)
     meta["settings"] = asked
-    with bpe.atomic_write(meta_path) as f:  # written last, so a dataset with a meta.json is complete
+    with atomic_write(meta_path) as f:  # written last, so a dataset with a meta.json is complete
         json.dump(meta, f, indent=1)
     print(f"wrote {out}/ in {time.time() - t0:.0f}s: vocab {meta['vocab_size']}, " +
           ", ".join(f"{s} {meta[s]['tokens']:,} tokens" for s in ("train", "val")))

@@ -8,24 +8,23 @@ sample.py: generates text from a trained checkpoint or a pretrained model, strea
 All samples are generated in one batch through model.py's KV cache; the first streams
 to stdout as it is generated, the others follow. Each stops at the end-of-text token.
 Special-token text in the prompt (such as <|endoftext|>) becomes that special token.
-Read next: bench.py, which measures all of the above.
+Read next: checkpoint.py, the checkpoint format, and the export to Hugging Face.
 """
-import os
 import sys
 import time
 
 import torch
 
 import bpe
+import checkpoint
 import model
 import prepare
 from config import check, configure
-from model import GPT
 
 # -----------------------------------------------------------------------------
 # settings: these defaults, then a config file, then --key=value (config/__init__.py)
 out_dir = "out/quickstart"
-init_from = "resume"  # "resume": out_dir/ckpt.pt; a checkpoint file; or a pretrained name or directory (gpt2, ...)
+init_from = "resume"  # "resume": out_dir/ckpt.pt; a checkpoint file or run directory; a pretrained name or directory
 start = ""  # the prompt; FILE:path reads it from a file; "" starts a new document
 num_samples = 2
 max_new_tokens = 200
@@ -49,23 +48,6 @@ def check_settings():
 # -----------------------------------------------------------------------------
 
 
-def load():
-    """The model and its tokenizer (a tiktoken.Encoding): from a checkpoint, or pretrained."""
-    if init_from != "resume" and not os.path.isfile(init_from):
-        m = GPT.from_pretrained(init_from)
-        return m, bpe.load_tokenizer(*prepare.pretrained_tokenizer(init_from))
-    path = init_from if init_from != "resume" else os.path.join(out_dir, "ckpt.pt")
-    if not os.path.exists(path):
-        raise SystemExit(f"error: no checkpoint at {path}. Train one first, e.g.\n    python train.py "
-                         f"--out_dir={out_dir}\nor sample a pretrained model: python sample.py --init_from=gpt2")
-    ckpt = model.load_checkpoint(path)
-    spec = ckpt["tokenizer"]  # a trained tokenizer travels inside the checkpoint
-    # LoRA adapters are merged into their base: the same logits, at the base's speed; a
-    # sharded checkpoint (train.py's parallel="fsdp") is put together whole, here in one process
-    m = model.merge_lora(model.model_from_checkpoint(ckpt))
-    return m, bpe.load_tokenizer(spec["name"], files=spec["files"], where=path)
-
-
 def read_prompt(enc):
     """The prompt's ids; an empty prompt starts a new document at the end-of-text token."""
     prompt = start
@@ -87,7 +69,10 @@ def main():
     configure(globals())
     check_settings()
     dev = model.pick_device(device)
-    m, enc = load()
+    # a checkpoint's model (LoRA adapters merged into their base: the same logits, at the
+    # base's speed; a sharded one put together whole), or pretrained weights
+    m, spec, _ = checkpoint.load_model(init_from, out_dir)
+    enc = checkpoint.tokenizer(spec, where=init_from)  # a trained tokenizer travels inside the checkpoint
     m.to(dev, model.pick_dtype(dev, dtype)).eval()
     prompt, ids, eot = read_prompt(enc)
     window = m.cfg.block_size

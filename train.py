@@ -12,6 +12,8 @@ block_size tokens on every process, accumulated until the step is full. Logs go 
 stdout and out_dir/log.jsonl; checkpoints to out_dir/ckpt.pt at every evaluation, at the
 end, and on Ctrl-C or SIGTERM (then the exit code is 128 + the signal: 130 or 143); under
 FSDP, ckpt.pt names a directory of shards beside it, one file per process.
+The story is main(): the settings, then setup() (processes, data, model, optimizer),
+then loop(). Checkpoints are checkpoint.py's format.
 Read next: sample.py
 """
 import contextlib
@@ -21,8 +23,6 @@ import gzip
 import json
 import math
 import os
-import random
-import shutil
 import signal
 import sys
 import tempfile
@@ -32,14 +32,12 @@ import warnings
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bpe
+import checkpoint
 import model
 import prepare
 from config import check, configure, setting_names
@@ -67,7 +65,7 @@ pos = "rope"
 rope_theta = 10000.0
 bias = True
 tie_embeddings = True
-attn = "auto"
+attn = "auto"  # how attention runs: "flash" (flash.py), "sdpa" (torch), "auto": flash on CUDA
 doc_mask = False  # attend only within documents (end-of-text tokens start them)
 qk_norm = False  # from the NanoGPT speedrun, each tried on the quickstart (README): RMS-normalized queries and keys
 logit_softcap = 0.0  # output logits soft-capped at this (cap * tanh(logits / cap)); 0: off
@@ -80,7 +78,7 @@ lora_alpha = 16.0  # the update is scaled by alpha / rank (rslora: alpha / sqrt(
 lora_dropout = 0.0
 lora_targets = "attn,mlp"  # which linear layers of every block: qkv, attn_proj, fc, mlp_proj; attn, mlp
 lora_variant = "lora"  # "lora", "rslora" or "dora"
-# memory (GPTConfig too; measured in `python bench.py memory`)
+# memory (how the model runs, set on it as attn is; measured in `python bench.py memory`)
 loss_chunk = 1024  # tokens at a time through the output head and loss, which then never hold all the logits; 0: all
 activation_checkpointing = False  # recompute each block in the backward: a third more compute, far less memory
 # batch: total_batch_size tokens a step = micro_batch * block_size * processes * accumulation
@@ -113,8 +111,8 @@ ckpt_interval = 0  # steps between checkpoints; 0: at every evaluation
 seed = 1337
 max_bad_steps = 5  # non-finite losses in a row before training stops
 
-# model settings that change how the model runs, not what it computes: a resumed run or a
-# fine-tuned pretrained model takes them from the settings
+# model settings that change how the model runs, not what it computes: attributes of the
+# model, set from the settings on every run (resumed or fine-tuned too)
 RUN_OPTIONS = ("attn", "loss_chunk", "activation_checkpointing")
 # settings that may differ from the checkpoint's when resuming; every other one must match it
 CHANGE_ON_RESUME = {"init_from", "out_dir", "data_dir", "overwrite", "max_steps", "learning_rate", "min_lr",
@@ -133,15 +131,16 @@ def check_settings(world):
             f"a positive multiple of micro_batch * block_size * processes = {micro_batch} * {block_size} * {world}"),
            ("max_steps", max_steps, max_steps >= 1, "1 or more"),
            ("loss_chunk", loss_chunk, loss_chunk >= 0, "0 (all tokens at once) or more tokens per chunk"),
+           ("attn", attn, attn in ("auto", "flash", "sdpa"), "auto, flash or sdpa"),
            ("warmup_steps", warmup_steps, warmup_steps >= 0, "0 or more"),
-           ("learning_rate", learning_rate, 0 < learning_rate < math.inf, "a positive number (0: see pick_optimizer)"),
+           ("learning_rate", learning_rate, 0 < learning_rate < math.inf, "a positive number (0: see default_optimizer)"),
            ("min_lr", min_lr, 0 <= min_lr <= learning_rate, f"0 to learning_rate ({learning_rate})"),
            ("schedule", schedule, schedule in ("cosine", "wsd"), "cosine or wsd"),
            ("decay_frac", decay_frac, 0 <= decay_frac <= 1, "0 to 1"),
            ("weight_decay", weight_decay, weight_decay >= 0, "0 or more"),
            ("beta1", beta1, 0 <= beta1 < 1, "0 to 1 (not 1)"), ("beta2", beta2, 0 <= beta2 < 1, "0 to 1 (not 1)"),
            ("grad_clip", grad_clip, grad_clip > 0, "a positive number"),
-           ("optimizer", optimizer, optimizer in ("", "adamw", "muon"), "adamw or muon (or '': see pick_optimizer)"),
+           ("optimizer", optimizer, optimizer in ("", "adamw", "muon"), "adamw or muon (or '': see default_optimizer)"),
            ("optimizer", optimizer, optimizer != "muon" or (lora_rank == 0 and parallel == "ddp"),
             "adamw with LoRA or parallel=fsdp: Muon orthogonalizes each matrix's whole update, and LoRA's "
             "adapters are low-rank by design, FSDP's matrices split across processes"),
@@ -162,7 +161,7 @@ def check_settings(world):
             "0 with init_from=scratch: LoRA adapts a trained model (give init_from a checkpoint or pretrained model)"),
            ("lora_alpha", lora_alpha, lora_alpha > 0, "a positive number"),
            ("lora_dropout", lora_dropout, 0 <= lora_dropout < 1, "0 to 1 (not 1)"),
-           ("lora_variant", lora_variant, lora_variant in ("lora", "rslora", "dora"), "lora, rslora or dora"),
+           ("lora_variant", lora_variant, lora_variant in model.LORA_VARIANTS, ", ".join(model.LORA_VARIANTS)),
            ("lora_targets", lora_targets, all(t.strip() in model.LORA_TARGETS for t in lora_targets.split(",")),
             f"a comma-separated list of {', '.join(model.LORA_TARGETS)}")])
 
@@ -237,8 +236,8 @@ def lr_at(step):
     over the last decay_frac of the steps (WSD), down to min_lr at max_steps."""
     if step < warmup_steps:
         return learning_rate * (step + 1) / warmup_steps
-    if schedule == "wsd":
-        decay_start = max_steps * (1 - decay_frac)
+    if schedule == "wsd":  # the decay starts after warmup, however long decay_frac asks it to be
+        decay_start = max(warmup_steps, max_steps * (1 - decay_frac))
         frac = max(0.0, (step - decay_start) / max(1.0, max_steps - decay_start))
         return learning_rate - (learning_rate - min_lr) * min(frac, 1.0)
     frac = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
@@ -257,17 +256,22 @@ def peak_flops(dev):
     return next((flops for key, flops in PEAK_FLOPS if key in name), None)
 
 
+def glibc():
+    """The C library, to tune its memory allocator; None where it is not glibc (macOS, musl)."""
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def keep_freed_memory():
     """Speed trick for training on a CPU under Linux: glibc gives big freed blocks (the
     logits and their gradients, tens of MB) back to the OS, and the next step's tensors
     page-fault them in again, which cost the quickstart about a fifth of each step. This
     keeps them in the heap for reuse instead, as jemalloc or tcmalloc would."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return  # not glibc (macOS, musl): nothing to tune
-    libc.mallopt(-1, 2 ** 31 - 1)  # M_TRIM_THRESHOLD: never shrink the heap
-    libc.mallopt(-3, 2 ** 30)  # M_MMAP_THRESHOLD: serve blocks up to 1 GB from the heap
+    if libc := glibc():
+        libc.mallopt(-1, 2 ** 31 - 1)  # M_TRIM_THRESHOLD: never shrink the heap
+        libc.mallopt(-3, 2 ** 30)  # M_MMAP_THRESHOLD: serve blocks up to 1 GB from the heap
 
 
 def return_freed_memory():
@@ -276,239 +280,47 @@ def return_freed_memory():
     for giving freed blocks back to the OS each time it sees a big one freed, ends up
     keeping them all in a fragmented heap. A 170M-weight model peaked at 4.9 GB a process
     on 2 processes, more than under DDP (4.4); with this fixed threshold, at 2.3 GB."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(-3, 2 ** 20)  # M_MMAP_THRESHOLD: blocks of 1 MB or more go back to the OS when freed
-
-
-def model_config(vocab_size, settings=None):
-    """The GPTConfig of these settings (the globals, or a dict of them): the model settings
-    above are GPTConfig's fields."""
-    settings = globals() if settings is None else settings
-    fields = {f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size"}
-    return GPTConfig(vocab_size=vocab_size, **{k: v for k, v in settings.items() if k in fields})
+    if libc := glibc():
+        libc.mallopt(-3, 2 ** 20)  # M_MMAP_THRESHOLD: blocks of 1 MB or more go back to the OS when freed
 
 # -----------------------------------------------------------------------------
-# Checkpoints
+# The model and its optimizer
 
 
-def save_checkpoint(path, raw_model, optimizer, scaler, step, loader, loss, tok_spec, lora):
-    """Everything needed to continue exactly. Not saved, returning False, when a weight or
-    `loss` (what these weights give on some val tokens) is not finite: that would replace
-    the last good checkpoint with a poisoned one. Written whole to ckpt.new.pt, read back,
-    then renamed over ckpt.pt, whose previous version stays as ckpt.prev.pt; so ckpt.pt
-    exists at every moment. Under parallel="fsdp" every process calls this and writes its
-    own shard of the weights and AdamW state into a directory (save_shards), and ckpt.pt,
-    still written last, holds the rest and names that directory."""
-    master = not dist.is_initialized() or dist.get_rank() == 0
-    if not healthy(raw_model, loss):
-        return False
-    ckpt = {"model_config": dataclasses.asdict(raw_model.cfg), "lora": lora, "scaler": scaler.state_dict(),
-            "step": step, "data": loader.state(), "settings": setting_names(globals()), "tokenizer": tok_spec,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
-    if parallel == "fsdp":
-        ckpt["shards"] = save_shards(path, raw_model, optimizer, step, lora, master)
-        if not master:
-            return True
-    else:  # the adapters only under LoRA, and where the frozen base comes from
-        ckpt["model"], ckpt["optimizer"] = model_state(raw_model, lora), optimizer.state_dict()
-    new, prev = path.replace(".pt", ".new.pt"), path.replace(".pt", ".prev.pt")
-    with bpe.atomic_write(new, "wb") as f:
-        torch.save(ckpt, f)
-    torch.load(new, map_location="cpu", weights_only=False, mmap=True)  # readable, or this raises
-    if os.path.exists(path):  # keep the last good one: a hard link, renamed into place
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(prev + ".tmp")
-        os.link(path, prev + ".tmp")
-        os.replace(prev + ".tmp", prev)
-    os.replace(new, path)
-    remove_stale_shards(path)
-    return True
+def model_config(vocab_size):
+    """The GPTConfig of the settings above: the model settings are GPTConfig's fields."""
+    fields = {f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size"}
+    return GPTConfig(vocab_size=vocab_size, **{k: v for k, v in setting_names(globals()).items() if k in fields})
 
 
-def healthy(m, loss):
-    """Whether the weights and the probe loss are all finite. Under FSDP a process sees
-    only its own shard of each weight, so the processes vote: all must be."""
-    ok = math.isfinite(loss) and all(torch.isfinite(local(p)).all() for p in m.parameters())
-    if parallel == "fsdp" and dist.is_initialized():
-        vote = torch.tensor(float(ok), device=local(next(m.parameters())).device)
-        dist.all_reduce(vote, op=dist.ReduceOp.MIN)
-        ok = bool(vote)
-    return ok
-
-
-def local(t):
-    """This process's part of a tensor: its shard under FSDP (a DTensor), else all of it."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def model_state(m, lora):
-    """The weights a checkpoint keeps, by name (no compile prefixes; this process's shards
-    under FSDP): all of them, or under LoRA the adapters only."""
-    trained = {n for n, p in m.named_parameters() if p.requires_grad}
-    return {k: v for k, v in get_model_state_dict(m).items() if lora is None or k in trained}
-
-
-def save_shards(path, m, optimizer, step, lora, master):
-    """Writes the weights and AdamW state, sharded as the processes hold them, with
-    torch.distributed.checkpoint (DCP): each process writes its own file of its pieces, then
-    process 0 a .metadata file mapping every tensor's pieces to files and places, so that
-    any number of processes can read it back. Into ckpt.STEP.dcp.tmp/ first, renamed to
-    ckpt.STEP.dcp/ once all have written and every file is whole. Returns its name."""
-    name = f"ckpt.{step:06d}.dcp"
-    tmp, final = os.path.join(os.path.dirname(path), name + ".tmp"), os.path.join(os.path.dirname(path), name)
-    if master:  # a save cut short at this step before leaves its directory: start it afresh
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    if dist.is_initialized():
-        dist.barrier()
-    state = {"model": model_state(m, lora), "optimizer": get_optimizer_state_dict(m, optimizer)}
-    with warnings.catch_warnings():  # DCP warns whenever one process writes alone, which is meant here
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())  # returns once .metadata is written
-    if master:
-        model.check_shards(tmp)  # every process's file is there, whole (on several nodes: out_dir must be shared)
-        shutil.rmtree(final, ignore_errors=True)  # an unfinished save of this step, which no ckpt.pt names
-        os.replace(tmp, final)
-    return name
-
-
-def remove_stale_shards(path):
-    """Deletes the shard directories beside path that neither it nor its .prev names: older
-    checkpoints, and saves that were cut short."""
-    out, keep = os.path.dirname(path), set()
-    for f in (path, path.replace(".pt", ".prev.pt")):
-        if os.path.exists(f):
-            keep.add(torch.load(f, map_location="cpu", weights_only=False, mmap=True).get("shards"))
-    for d in os.listdir(out):
-        if d.startswith("ckpt.") and d.endswith((".dcp", ".dcp.tmp")) and d not in keep:
-            shutil.rmtree(os.path.join(out, d), ignore_errors=True)
-
-
-def tokenizer_spec(directory, name):
-    """What sample.py needs to decode: "gpt2", or a tokenizer's files, stored whole."""
-    return {"name": name, "files": {f: open(os.path.join(directory, f), encoding="utf-8").read()
-                                    for f in prepare.tokenizer_files(name)}}
-
-
-def resume_checkpoint(given):
-    """The checkpoint to resume from, with its settings taken back: every setting that the
-    config file or command line did not give comes from the checkpoint, and the given ones
-    must equal the checkpoint's, except those in CHANGE_ON_RESUME."""
-    path = os.path.join(out_dir, "ckpt.pt")
-    if not os.path.exists(path):
-        raise SystemExit(f"error: init_from=resume, but {path} does not exist; train one first, or check out_dir")
-    ckpt = model.load_checkpoint(path)
-    # checkpoints from before Muon and value embeddings: what they trained with
-    saved = {"optimizer": "adamw", "value_embeds": False, "skips": False, **ckpt["settings"]}
-    clash = [f"{k}={given[k]!r} (the checkpoint's: {saved[k]!r})" for k in given
-             if k in saved and k not in CHANGE_ON_RESUME and given[k] != saved[k]]
-    if clash:
-        raise SystemExit(f"error: resuming {path} with other settings than it was trained with: {', '.join(clash)}. "
-                         f"Only these may change on resume: {', '.join(sorted(CHANGE_ON_RESUME))}")
-    globals().update({k: v for k, v in saved.items() if k not in given and k in setting_names(globals())})
-    return ckpt
-
-
-def pick_optimizer():
-    """optimizer="": Muon when training from scratch (it was measured there: README), AdamW
-    where Muon cannot go (LoRA's low-rank adapters, FSDP's split matrices) and for
+def default_optimizer():
+    """What optimizer="" and learning_rate=0 stand for, as {setting: value} for main() to
+    set. optimizer="": Muon when training from scratch (it was measured there: README),
+    AdamW where Muon cannot go (LoRA's low-rank adapters, FSDP's split matrices) and for
     fine-tuning, whose recipes were tuned with AdamW. learning_rate=0: each one's best on
     the quickstart (config/quickstart_trials.md): under Muon, AdamW trains only the
     embeddings, the head, norms and biases, and they gained from 4x the rate that AdamW
     was tuned to for the whole model. The choices go into checkpoints."""
-    global optimizer, learning_rate
-    if optimizer == "":
-        optimizer = "muon" if init_from == "scratch" and lora_rank == 0 and parallel == "ddp" else "adamw"
-    if learning_rate == 0:
-        learning_rate = 2e-2 if optimizer == "muon" else 5e-3
+    chosen = optimizer or ("muon" if init_from == "scratch" and lora_rank == 0 and parallel == "ddp" else "adamw")
+    return {"optimizer": chosen, "learning_rate": learning_rate or (2e-2 if chosen == "muon" else 5e-3)}
 
 
-def prepare_out_dir(resuming, master):
-    """out_dir, made and checked writable; a from-scratch run does not overwrite a run there."""
-    ckpt_path, log_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "log.jsonl")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=out_dir).close()
-    except OSError as e:
-        raise SystemExit(f"error: out_dir={out_dir!r} cannot be written ({type(e).__name__}: {e.strerror}); "
-                         "choose another --out_dir") from None
-    if not resuming and os.path.exists(ckpt_path):
-        if not overwrite:
-            raise SystemExit(f"error: {ckpt_path} exists: continue it with --init_from=resume, choose another "
-                             "--out_dir, or pass --overwrite to delete it and start over")
-        for f in (ckpt_path, ckpt_path.replace(".pt", ".prev.pt"), log_path) if master else ():
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(f)
-        if master:
-            remove_stale_shards(ckpt_path)  # with no ckpt.pt left, every shard directory
-
-# -----------------------------------------------------------------------------
-# The steps of a run: setup, data, model and optimizer, evaluation, then the loop in main()
-
-
-def setup_distributed():
-    """(ddp, rank, world, device): one process, or one of torchrun's; seeded and tuned."""
-    ddp = "RANK" in os.environ  # started by torchrun
-    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")) if ddp else (0, 1, 0)
-    dev = model.pick_device(device)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local)
-        torch.cuda.set_device(dev)
-    if ddp:
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    torch.manual_seed(seed)
-    if dev.type == "cpu" and ddp and parallel == "fsdp":
-        return_freed_memory()
-    elif dev.type == "cpu":
-        keep_freed_memory()
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return ddp, rank, world, dev
-
-
-def load_data(ckpt):
-    """The data directory, its meta.json and tokenizer, and the tokenizer's files (for
-    checkpoints), or what to run to prepare them. A run that continues a checkpoint (resumed,
-    or fine-tuned from a checkpoint file) must use its tokenizer."""
-    directory = os.path.join(data_dir, prepare.dataset_name(dataset))
-    if not os.path.exists(os.path.join(directory, "meta.json")):
-        if dataset not in prepare.DATASETS and not os.path.exists(dataset):
-            import difflib
-            close = difflib.get_close_matches(dataset, prepare.DATASETS, n=1)
-            raise SystemExit(f"error: unknown dataset {dataset!r} (no {directory}/meta.json)"
-                             f"{f'; did you mean {close[0]!r}?' if close else ''} Known: {', '.join(prepare.DATASETS)}")
-        command = f"python prepare.py --dataset={dataset}" + (f" --tokenizer={tokenizer}" if tokenizer else "")
-        raise SystemExit(f"error: {directory}/meta.json not found: prepare the data first with\n    {command}")
-    meta, enc = prepare.load_meta(directory)
-    spec = tokenizer_spec(directory, meta["tokenizer"])
-    if ckpt is not None and ckpt["tokenizer"] != spec:
-        raise SystemExit(f"error: {directory} was tokenized with another tokenizer than the checkpoint "
-                         f"{ckpt['path']} ({meta['tokenizer']}, {meta['vocab_size']} tokens): use data prepared with "
-                         f"its tokenizer (prepare.py --tokenizer=DIR of the data it was trained on)")
-    return directory, meta, enc, spec
-
-
-def build_model(meta, ckpt, base_ckpt, dev):
-    """The model, and its LoRA record for checkpoints (None without LoRA): from the run's
-    checkpoint, from scratch, or weights to fine-tune (a checkpoint file's, base_ckpt, or
-    pretrained), maybe frozen under LoRA adapters."""
+def build_model(meta, ckpt, source, dev):
+    """The model, and its LoRA record for checkpoints (None without LoRA): the run's
+    checkpoint's, a new one from scratch, or `source`, a model to fine-tune, maybe frozen
+    under LoRA adapters. How it runs (attn, loss_chunk, ...) comes from the settings."""
     lora = ckpt.get("lora") if ckpt else None
     if ckpt is not None:  # a sharded checkpoint's weights are read once the model is sharded too (restore)
-        m = model.model_from_checkpoint(ckpt, weights="shards" not in ckpt)
-    elif init_from == "scratch":
+        m = checkpoint.model_from_checkpoint(ckpt, weights="shards" not in ckpt)
+    elif source is None:
         m = GPT(model_config(meta["vocab_size"]))
-    else:  # fine-tuning: the data must use the model's tokenizer
-        m = model.merge_lora(model.model_from_checkpoint(base_ckpt)) if base_ckpt \
-            else GPT.from_pretrained(init_from)
+    else:
+        m = source
         if lora_rank:
-            base = os.path.abspath(init_from) if os.path.exists(init_from) else init_from
-            lora = {"base": base, "fingerprint": model.fingerprint(m), "rank": lora_rank, "alpha": lora_alpha,
-                    "dropout": lora_dropout, "targets": lora_targets, "variant": lora_variant}
+            lora = checkpoint.lora_record(init_from, m, lora_rank, lora_alpha, lora_dropout, lora_targets,
+                                          lora_variant)
             model.add_lora(m, lora_rank, lora_alpha, lora_dropout, lora_targets, lora_variant)
-    model.run_with(m, **{k: globals()[k] for k in RUN_OPTIONS})  # these come from the settings, always
+    m.attn, m.loss_chunk, m.activation_checkpointing = attn, loss_chunk, activation_checkpointing  # RUN_OPTIONS
     if meta["vocab_size"] > m.cfg.vocab_size:
         raise SystemExit(f"error: the data has {meta['vocab_size']} tokens, the model {m.cfg.vocab_size}: "
                          "prepare the data with the model's tokenizer")
@@ -641,31 +453,135 @@ def parallelize(m, amp, dev, ddp):
     return m, m
 
 
-def restore(ckpt, m, optimizer, scaler, lora):
-    """The optimizer, the loss scaler and every RNG as they were at the checkpoint, and a
-    sharded checkpoint's weights: whatever the number of processes then and now, and
-    whether sharded then or now."""
-    if "shards" in ckpt:  # each process reads the pieces it holds now from the files that have them
-        state = {"model": model_state(m, lora), "optimizer": get_optimizer_state_dict(m, optimizer)}
-        model.read_shards(ckpt, state, no_dist=not dist.is_initialized())
-        # the tensors were filled in place; this also restores what is not one (AdamW's settings)
-        set_model_state_dict(m, state["model"], options=StateDictOptions(strict=lora is None))
-        set_optimizer_state_dict(m, optimizer, state["optimizer"])
-    elif isinstance(m, FSDPModule):  # a whole checkpoint into a sharded model, whose weights it already holds
-        saved, names = ckpt["optimizer"], {p: n for n, p in m.named_parameters()}
-        order = [names[p] for group in optimizer.param_groups for p in group["params"]]  # the saved numbering
-        by_name = {"state": {order[i]: s for i, s in saved["state"].items()},
-                   "param_groups": [dict(g, params=[order[i] for i in g["params"]]) for g in saved["param_groups"]]}
-        set_optimizer_state_dict(m, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
-    rng = ckpt["rng"]
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+# -----------------------------------------------------------------------------
+# Setting up a run: processes, data, model, optimizer
+
+
+def setup_distributed():
+    """(ddp, rank, world, device): one process, or one of torchrun's; seeded and tuned."""
+    ddp = "RANK" in os.environ  # started by torchrun
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")) if ddp else (0, 1, 0)
+    dev = model.pick_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if ddp:
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    torch.manual_seed(seed)
+    if dev.type == "cpu" and ddp and parallel == "fsdp":
+        return_freed_memory()
+    elif dev.type == "cpu":
+        keep_freed_memory()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return ddp, rank, world, dev
+
+
+def prepare_out_dir(resuming, master):
+    """out_dir, made and checked writable; a from-scratch run does not overwrite a run there."""
+    ckpt_path, log_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "log.jsonl")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as e:
+        raise SystemExit(f"error: out_dir={out_dir!r} cannot be written ({type(e).__name__}: {e.strerror}); "
+                         "choose another --out_dir") from None
+    if not resuming and os.path.exists(ckpt_path):
+        if not overwrite:
+            raise SystemExit(f"error: {ckpt_path} exists: continue it with --init_from=resume, choose another "
+                             "--out_dir, or pass --overwrite to delete it and start over")
+        for f in (ckpt_path, ckpt_path.replace(".pt", ".prev.pt"), log_path) if master else ():
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(f)
+        if master:
+            checkpoint.remove_stale_shards(ckpt_path)  # with no ckpt.pt left, every shard directory
+
+
+def load_data(model_spec):
+    """The data directory, its meta.json and tokenizer, and the tokenizer's files (for
+    checkpoints), or what to run to prepare them. A run that continues a model (resumed,
+    or fine-tuned) must use the model's tokenizer, model_spec."""
+    directory = os.path.join(data_dir, prepare.dataset_name(dataset))
+    if not os.path.exists(os.path.join(directory, "meta.json")):
+        if dataset not in prepare.DATASETS and not os.path.exists(dataset):
+            raise SystemExit(f"error: {prepare.unknown_dataset(dataset)} (no {directory}/meta.json)")
+        command = f"python prepare.py --dataset={dataset}" + (f" --tokenizer={tokenizer}" if tokenizer else "")
+        raise SystemExit(f"error: {directory}/meta.json not found: prepare the data first with\n    {command}")
+    meta, enc = prepare.load_meta(directory)
+    spec = checkpoint.tokenizer_spec(directory, meta["tokenizer"])
+    if model_spec is not None and model_spec != spec and not bpe.same_tokenizer(checkpoint.tokenizer(model_spec), enc):
+        raise SystemExit(f"error: {directory} was tokenized with another tokenizer ({meta['tokenizer']}, "
+                         f"{meta['vocab_size']} tokens) than the model of init_from={init_from} has "
+                         f"({model_spec['name']}): prepare the data with the model's tokenizer, "
+                         f"python prepare.py --dataset={dataset} --tokenizer=MODEL (its name, directory, or the "
+                         "data directory it was trained on)")
+    return directory, meta, enc, spec
+
+
+@dataclasses.dataclass
+class Run:
+    """What setup() makes and loop() works with."""
+    ddp: bool  # under torchrun
+    rank: int
+    world: int
+    dev: torch.device
+    log: object  # print on process 0, nothing on the others
+    raw_model: GPT  # the model itself: its weights go into checkpoints
+    fast_model: torch.nn.Module  # compiled (on CUDA): evaluation runs it
+    train_model: torch.nn.Module  # compiled and wrapped in DDP, or sharded: training steps run it
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: object
+    base: str  # what the run started from: None (scratch), or the model it fine-tunes
+    lora: dict  # the LoRA record, or None
+    spec: dict  # the tokenizer, for checkpoints
+    eot: int
+    train_data: Shards
+    val: np.ndarray  # (n, block_size + 1) val sequences
+    n_bytes: torch.Tensor  # bytes of text per token id, for bits per byte
+    accum: int  # micro-steps per step
+    step: int  # the step it starts at
+    saved: int  # the step of the last good checkpoint, or None
+
+
+def setup(ckpt):
+    """Processes, data, model, optimizer, all restored from ckpt when resuming: the Run,
+    or None when a resumed run has nothing left to train."""
+    ddp, rank, world, dev = setup_distributed()
+    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    source, model_spec = None, ckpt["tokenizer"] if ckpt else None
+    if ckpt is None and init_from != "scratch":  # fine-tuning: the model first, as the data must share its tokenizer
+        source, model_spec, _ = checkpoint.load_model(init_from)
+    directory, meta, enc, spec = load_data(model_spec)
+    if ckpt is not None and ckpt["step"] >= max_steps:
+        log(f"{out_dir}/ckpt.pt is at step {ckpt['step']}, and max_steps={max_steps}: nothing to train. "
+            "Raise max_steps to go on.")
+        return None
+    prepare_out_dir(ckpt is not None, rank == 0)
+
+    # the model, its precision and optimizer; compiled on CUDA, wrapped in DDP or sharded (FSDP) under torchrun
+    raw_model, lora = build_model(meta, ckpt, source, dev)
+    trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+    log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters ({trainable / 1e6:.3f}M trained), {raw_model.cfg}, "
+        f"attn={attn}, loss_chunk={loss_chunk}, activation_checkpointing={activation_checkpointing}")
+    amp, autocast, scaler = mixed_precision(dev)
+    fast_model, train_model = parallelize(raw_model, amp, dev, ddp)
+    optimizer = make_optimizer(raw_model, dev)
+    if ckpt is not None:
+        checkpoint.restore(ckpt, raw_model, optimizer, scaler, lora)
+
+    # the data: training shards, the fixed val set, and each token's bytes for bits per byte
+    train_data = Shards(directory, "train", micro_batch, block_size, rank, world, seed,
+                        total_batch_size // block_size, state=ckpt["data"] if ckpt else None)
+    val = val_sequences(directory, block_size, eval_tokens // block_size)
+    eot = meta["eot_id"]
+    log(f"val: {val.size - len(val):,} tokens; gzip -9 on their text: {gzip_bpb(val, enc, eot):.4f} bits per byte")
+    base = ckpt.get("base") if ckpt else None if init_from == "scratch" else checkpoint.base_name(init_from)
+    return Run(ddp, rank, world, dev, log, raw_model, fast_model, train_model, optimizer, scaler, autocast, base,
+               lora, spec, eot, train_data, val, torch.from_numpy(prepare.token_bytes(enc)).to(dev),
+               total_batch_size // (micro_batch * block_size * world), *[ckpt["step"] if ckpt else 0] * 2)
+
+# -----------------------------------------------------------------------------
+# A training step, and evaluation
 
 
 def grad_sync(train_model, on):
@@ -737,109 +653,150 @@ def gzip_bpb(val, enc, eot):
     return len(gzip.compress(text, 9)) * 8 / max(len(text), 1)
 
 # -----------------------------------------------------------------------------
+# The run: settings, setup, then the loop
 
 
 def main():
+    # settings: the config file and command line, then what a resume takes back from its
+    # checkpoint, then the defaults that depend on other settings; then every one is checked
     given = configure(globals(), others=setting_names(vars(prepare)))  # a config file may hold prepare.py's too
-    ckpt = resume_checkpoint(given) if init_from == "resume" else None
-    pick_optimizer()
-    check_settings(int(os.environ.get("WORLD_SIZE", "1")))
-    ddp, rank, world, dev = setup_distributed()
-    master = rank == 0
-    log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
-    base_ckpt = model.load_checkpoint(init_from) if os.path.isfile(init_from) else None  # fine-tuning it
-    directory, meta, enc, spec = load_data(ckpt or base_ckpt)
-    if ckpt is not None and ckpt["step"] >= max_steps:
-        log(f"{out_dir}/ckpt.pt is at step {ckpt['step']}, and max_steps={max_steps}: nothing to train. "
-            "Raise max_steps to go on.")
-        return
-    prepare_out_dir(ckpt is not None, master)
-
-    # the model, its precision and optimizer; compiled on CUDA, wrapped in DDP or sharded (FSDP) under torchrun
-    raw_model, lora = build_model(meta, ckpt, base_ckpt, dev)
-    trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
-    log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters ({trainable / 1e6:.3f}M trained), {raw_model.cfg}")
-    amp, autocast, scaler = mixed_precision(dev)
-    fast_model, train_model = parallelize(raw_model, amp, dev, ddp)
-    optimizer = make_optimizer(raw_model, dev)
+    ckpt = checkpoint.load_checkpoint(os.path.join(out_dir, "ckpt.pt")) if init_from == "resume" else None
     if ckpt is not None:
-        restore(ckpt, raw_model, optimizer, scaler, lora)
+        globals().update(checkpoint.resume_settings(ckpt, given, CHANGE_ON_RESUME, setting_names(globals())))
+    globals().update(default_optimizer())
+    check_settings(int(os.environ.get("WORLD_SIZE", "1")))
 
-    # the data: training shards, the fixed val set, and each token's bytes for bits per byte
-    accum = total_batch_size // (micro_batch * block_size * world)
-    train_data = Shards(directory, "train", micro_batch, block_size, rank, world, seed,
-                        total_batch_size // block_size, state=ckpt["data"] if ckpt else None)
-    val = val_sequences(directory, block_size, eval_tokens // block_size)
-    n_bytes = torch.from_numpy(prepare.token_bytes(enc)).to(dev)
-    eot = meta["eot_id"]
-    log(f"val: {val.size - len(val):,} tokens; gzip -9 on their text: {gzip_bpb(val, enc, eot):.4f} bits per byte")
+    run = setup(ckpt)
+    if run is None:
+        return
+    with catch_signals(run.ddp) as stop, open_log(run) as log_file:
+        step = loop(run, stop, log_file)
+    finish(run, step, stop)
 
-    # Ctrl-C and SIGTERM: finish the step, save a checkpoint, exit; under torchrun, at the
-    # step where all processes know of it (the next log line), as saving may be collective
-    stop = {"signal": None, "received": None}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop.update({"received" if ddp else "signal": signum}))
 
+def loop(r, stop, log_file):
+    """From the run's step to max_steps: evaluate once in a while, save checkpoints, train.
+    Stops early, after saving, when stop["signal"] is set. Returns the last step."""
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    log_file = open(os.path.join(out_dir, "log.jsonl"), "a" if ckpt else "w") if master else None
-    flops_per_step, peak = raw_model.flops_per_token(block_size) * total_batch_size, peak_flops(dev)
-    log(f"{accum} micro-steps of {micro_batch} x {block_size} tokens per step on {world} process(es), {dev}, "
-        f"{amp}; settings: {setting_names(globals())}")
-    step = start = ckpt["step"] if ckpt else 0
+    r.log(f"{r.accum} micro-steps of {micro_batch} x {block_size} tokens per step on {r.world} process(es), "
+          f"{r.dev}; settings: {setting_names(globals())}")
+    step = start = r.step
     bad_steps, t0, logged = 0, time.time(), step
     while True:
         last_step = step >= max_steps
         # once in a while, and at the end: the val loss and bits per byte
         if (step % eval_interval == 0 or last_step) and not stop["signal"]:
-            log(f"step {step}: evaluating on {val.size - len(val):,} val tokens ...")
-            val_loss, val_bpb = evaluate(fast_model, val, n_bytes, autocast, eot, rank, world, ddp)
-            log(f"step {step}: val loss {val_loss:.4f}, val bits per byte {val_bpb:.4f}")
+            r.log(f"step {step}: evaluating on {r.val.size - len(r.val):,} val tokens ...")
+            val_loss, val_bpb = evaluate(r.fast_model, r.val, r.n_bytes, r.autocast, r.eot, r.rank, r.world, r.ddp)
+            r.log(f"step {step}: val loss {val_loss:.4f}, val bits per byte {val_bpb:.4f}")
             write_log(log_file, {"step": step, "val_loss": val_loss, "val_bpb": val_bpb})
             t0, logged = time.time(), step  # evaluation time is not training time
-        # at every evaluation (or every ckpt_interval steps), at the end and on a signal: a checkpoint,
-        # by process 0 (under FSDP by all: each writes its shard)
-        if step > start and (step % (ckpt_interval or eval_interval) == 0 or last_step or stop["signal"]) and \
-                (master or parallel == "fsdp"):
-            with torch.no_grad(), autocast:  # the loss these weights give, as a health check
-                probe = torch.from_numpy(val[:micro_batch]).to(dev)
-                probe_loss = float(fast_model(probe[:, :-1], probe[:, 1:])[1])
-            saved = save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, train_data, probe_loss, spec, lora)
-            log(f"step {step}: " + (f"saved {ckpt_path}" if saved else "NOT saved: the loss or the weights are not "
-                                    f"finite; {ckpt_path} keeps the last good one"))
+        # at every evaluation (or every ckpt_interval steps), at the end and on a signal: a checkpoint
+        if step > start and (step % (ckpt_interval or eval_interval) == 0 or last_step or stop["signal"]):
+            save(r, step, ckpt_path)
         if last_step or stop["signal"]:
-            break
+            return step
 
         # one training step
         lr = lr_at(step)
-        for group in optimizer.param_groups:  # Muon's matrices on the same schedule, from muon_lr
+        for group in r.optimizer.param_groups:  # Muon's matrices on the same schedule, from muon_lr
             group["lr"] = lr * muon_lr / learning_rate if group.get("muon") else lr
-        loss, grad_norm, ok = train_step(train_model, raw_model, optimizer, scaler, train_data, accum, autocast, dev,
-                                         eot)
+        loss, grad_norm, ok = train_step(r.train_model, r.raw_model, r.optimizer, r.scaler, r.train_data, r.accum,
+                                         r.autocast, r.dev, r.eot)
         bad_steps = 0 if ok else bad_steps + 1
         if not ok:
-            log(f"step {step}: the gradient is not finite (loss {loss.item()}); update skipped")
+            r.log(f"step {step}: the gradient is not finite (loss {loss.item()}); update skipped")
         if bad_steps >= max_bad_steps:
             raise SystemExit(f"error: {bad_steps} steps in a row had non-finite gradients; lower learning_rate, "
                              f"or resume from the last checkpoint, {ckpt_path}")
         step += 1
 
         # once in a while: log; under DDP, the processes also agree here on stopping for a signal
-        if step % log_interval == 0 or step == max_steps or (stop["signal"] and not ddp):
-            if ddp:
-                loss = agree(loss, stop, world, dev)
+        if step % log_interval == 0 or step == max_steps or (stop["signal"] and not r.ddp):
+            if r.ddp:
+                loss = agree(loss, stop, r.world, r.dev)
             dt, t0, logged = (time.time() - t0) / (step - logged), time.time(), step
-            mfu = flops_per_step / dt / peak / world if peak else None
-            log(f"step {step}/{max_steps} | loss {float(loss):.4f} | lr {lr:.2e} | norm {float(grad_norm):.3f} | "
-                f"{total_batch_size / dt:,.0f} tok/s | {dt * 1e3:.0f} ms | mfu {f'{mfu:.1%}' if mfu else 'n/a'}")
-            write_log(log_file, {"step": step, "loss": float(loss), "lr": lr, "grad_norm": float(grad_norm),
-                                 "tokens_per_s": total_batch_size / dt, "step_ms": dt * 1e3, "mfu": mfu})
-    if ddp:
+            log_step(r, log_file, step, float(loss), lr, float(grad_norm), dt)
+            if float(loss) > checkpoint.worst_loss(r.raw_model.cfg):  # diverged: nothing after this is worth a save
+                raise SystemExit(f"error: the loss diverged at step {step}: {float(loss):.4g}, worse than guessing "
+                                 f"(ln {r.raw_model.cfg.vocab_size} + 1 = {checkpoint.worst_loss(r.raw_model.cfg):.2f})."
+                                 f" {last_good(r)}; lower learning_rate (now {learning_rate}) and resume from it")
+
+
+def save(r, step, path):
+    """A checkpoint of the run at this step, by process 0 (under FSDP by all: each writes
+    its shard), unless the model is not healthy (checkpoint.healthy): the loss these
+    weights give on a val batch is the probe."""
+    if r.rank != 0 and parallel != "fsdp":
+        return
+    with torch.no_grad(), r.autocast:  # the loss these weights give, as a health check
+        probe = torch.from_numpy(r.val[:micro_batch]).to(r.dev)
+        probe_loss = float(r.fast_model(probe[:, :-1], probe[:, 1:])[1])
+    if checkpoint.save(path, r.raw_model, r.optimizer, r.scaler, step, r.train_data.state(),
+                       setting_names(globals()), r.spec, r.base, r.lora, probe_loss, parallel == "fsdp"):
+        r.saved = step
+        r.log(f"step {step}: saved {path}")
+    else:
+        r.log(f"step {step}: NOT saved: a weight is not finite, or the val loss is {probe_loss:.4g}, not finite "
+              f"or worse than guessing (above {checkpoint.worst_loss(r.raw_model.cfg):.2f}). {last_good(r)}")
+
+
+def last_good(r):
+    """Where the last good checkpoint is, in words."""
+    if r.saved:
+        return f"The last good checkpoint is {os.path.join(out_dir, 'ckpt.pt')}, at step {r.saved}"
+    return "No checkpoint of this run was saved"
+
+
+def log_step(r, log_file, step, loss, lr, grad_norm, dt):
+    """One line of progress, printed and in log.jsonl; dt: seconds a step, since the last."""
+    peak = peak_flops(r.dev)
+    mfu = r.raw_model.flops_per_token(block_size) * total_batch_size / dt / peak / r.world if peak else None
+    r.log(f"step {step}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | norm {grad_norm:.3f} | "
+          f"{total_batch_size / dt:,.0f} tok/s | {dt * 1e3:.0f} ms | mfu {f'{mfu:.1%}' if mfu else 'n/a'}")
+    write_log(log_file, {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                         "tokens_per_s": total_batch_size / dt, "step_ms": dt * 1e3, "mfu": mfu})
+
+
+@contextlib.contextmanager
+def catch_signals(ddp):
+    """Within it, Ctrl-C and SIGTERM set stop["signal"], and the loop finishes its step,
+    saves and stops; under torchrun they set stop["received"] until the processes agree on
+    it at a log line (saving may be collective). The handlers before are put back after."""
+    stop = {"signal": None, "received": None}
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in old:
+        signal.signal(sig, lambda signum, frame: stop.update({"received" if ddp else "signal": signum}))
+    try:
+        yield stop
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def open_log(r):
+    """out_dir/log.jsonl on process 0, continued when resuming; nothing elsewhere."""
+    if r.rank != 0:
+        return contextlib.nullcontext()
+    return open(os.path.join(out_dir, "log.jsonl"), "a" if r.step else "w", encoding="utf-8")
+
+
+def finish(r, step, stop):
+    """The end of a run: the processes part, and a signal's exit code (128 + the signal)."""
+    if r.ddp:
+        # DDP holds the process group: freed after it, at exit, gloo's destructor could wait for
+        # the GIL that the exiting thread holds (seen: a process that never ended)
+        r.train_model = None
         dist.barrier()
         dist.destroy_process_group()
     if stop["signal"]:
-        log(f"stopped by signal {stop['signal']} at step {step}; continue with --init_from=resume --out_dir={out_dir}")
+        r.log(f"stopped by signal {stop['signal']} at step {step}; continue with --init_from=resume "
+              f"--out_dir={out_dir}")
         sys.exit(128 + stop["signal"])
-    log(f"done: {step} steps; the checkpoint is {ckpt_path}")
+    if r.rank == 0 and r.saved != step:  # the last checkpoints were refused: this run did not end well
+        raise SystemExit(f"error: training stopped at step {step}, but its checkpoints after step {r.saved or 0} "
+                         f"were not saved (see above). {last_good(r)}")
+    r.log(f"done: {step} steps; the checkpoint is {os.path.join(out_dir, 'ckpt.pt')}")
 
 
 def agree(loss, stop, world, dev):

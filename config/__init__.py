@@ -1,6 +1,7 @@
 """
-config/: plain Python settings files, and here, the code that every script uses to read
-them. Settings are module-level globals with defaults, as in nanoGPT:
+config/: plain Python settings files, and here, the two rules every script follows: how
+it reads its settings (configure, check), and how it writes a file (atomic_write).
+Settings are module-level globals with defaults, as in nanoGPT:
 
     python train.py config/tinystories.py --max_steps=2000 --compile   # then --key=value overrides
     python sample.py --top_p 0.9                                        # --key value works the same
@@ -9,9 +10,12 @@ configure(globals()) runs the config file (plain Python: its lowercase assignmen
 settings), then applies the command line. Values parse as Python literals and must have
 their default's type; an unknown key, a wrong type or a flag without a value stops
 with one line that names it. Each script then checks the ranges of its own settings
-with check(). Read next: prepare.py, the first script that has settings.
+with check(). Every file a script writes (tokenizers, shards, meta.json, checkpoints,
+exports) goes through atomic_write, so a file that exists is whole.
+Read next: bpe.py, the tokenizer; then prepare.py, the first script with settings.
 """
 import ast
+import contextlib
 import difflib
 import os
 import sys
@@ -119,3 +123,24 @@ def check(rules):
     for name, value, ok, allowed in rules:
         if not ok:
             raise SystemExit(f"error: {name}={value!r}: it must be {allowed}")
+
+
+# -----------------------------------------------------------------------------
+# Files: written whole or not at all
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="w"):
+    """with atomic_write(path) as f: ... writes to a temp file beside `path` and renames it
+    into place only when the block finishes; on an error or Ctrl-C the temp file goes and
+    `path` is left as it was. So a half-written file never looks complete."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so a crash cannot leave an empty file
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
