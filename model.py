@@ -9,13 +9,12 @@ biases), or any mix of the two:
     logits, loss = model(idx, targets)                         # idx, targets: (B, T) token ids
     out = model.generate(idx, max_new_tokens=100, top_p=0.9)   # KV cache: one prefill, then a token a step
 
-The file reads top to bottom: the config, the blocks, the GPT with its forward pass and
-generation, then two things the GPT can use, the chunked loss (for memory) and LoRA
-adapters (for fine-tuning), and last which device and dtype to run on. Attention runs
-flash.py's Triton kernel on CUDA and torch's scaled_dot_product_attention elsewhere (the
-same math). How a model runs, as opposed to what it computes, is set as plain attributes
-of the model (attn, loss_chunk, activation_checkpointing): train.py sets them from its
-settings. Pretrained weights come in through hf.py, and checkpoints through checkpoint.py.
+It reads top to bottom: the config, the blocks, the GPT (forward pass, generation), then
+what the GPT can use: the chunked loss (memory), LoRA (fine-tuning), the device and dtype.
+Attention runs flash.py's Triton kernel on CUDA, torch's scaled_dot_product_attention
+elsewhere (the same math). How a model runs, not what it computes, is plain attributes of
+the model (attn, loss_chunk, activation_checkpointing), which train.py sets from its
+settings. Pretrained weights come in through hf.py, checkpoints through checkpoint.py.
 Read next: flash.py, the attention kernel; then train.py.
 """
 import importlib
@@ -596,8 +595,5 @@ def pick_dtype(dev, name=""):
     return DTYPES[name]
 
 
-if __name__ == "__main__":
-    import sys
-    if sys.argv[1:2] == ["export"]:  # where it lived before
-        sys.exit("model.py: the export moved: python checkpoint.py export CKPT DIR")
-    sys.exit("model.py is a module, not a script: see train.py, sample.py, or python checkpoint.py export")
+if __name__ == "__main__":  # `python model.py export` was the export's command before
+    raise SystemExit("model.py is not a script: the export is `python checkpoint.py export CKPT DIR`")

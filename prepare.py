@@ -253,6 +253,12 @@ def write_shard(path, tokens, dtype):
         f.write(np.asarray(tokens, dtype=np.dtype(dtype).newbyteorder("<")).tobytes())
 
 
+def shard_paths(directory, split):
+    """The shards of a split in a prepared dataset's directory, in order."""
+    return sorted(os.path.join(directory, f) for f in os.listdir(directory)
+                  if f.startswith(split + "_") and f.endswith(".bin"))
+
+
 def read_shard(path):
     """Memory-maps the tokens of a shard, after checking its header and size."""
     fix = "delete it and run prepare.py again"
@@ -481,8 +487,7 @@ def eval_examples(name, enc):
         return [enc.encode_ordinary(d) for d in limited(documents("val"))]
     if os.path.exists(os.path.join(name, "meta.json")):
         meta, theirs = load_meta(name)
-        tokens = np.concatenate([read_shard(os.path.join(name, f)) for f in sorted(os.listdir(name))
-                                 if f.startswith("val_") and f.endswith(".bin")])
+        tokens = np.concatenate([read_shard(path) for path in shard_paths(name, "val")])
         docs = np.split(tokens, np.flatnonzero(tokens == meta["eot_id"]))  # each starts at its end-of-text token
         # as text, then in our tokens: the n-grams must be ours, whatever tokenizer made the shards
         return [enc.encode_ordinary(theirs.decode(d[d != meta["eot_id"]].tolist())) for d in docs if len(d) > 1]

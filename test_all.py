@@ -28,6 +28,7 @@ import pathlib
 import random
 import re
 import runpy
+import shlex
 import shutil
 import signal
 import subprocess
@@ -2446,7 +2447,7 @@ def test_train_settings_are_checked(tiny_data, tmp_path, monkeypatch):
                             ("max_steps", -5, "1 or more"), ("total_batch_size", 100, "multiple of micro_batch"),
                             ("learning_rate", -1.0, "positive"), ("decay_frac", 1.5, "0 to 1"),
                             ("schedule", "linear", "cosine or wsd"), ("dtype", "bf32", "one of"),
-                            ("ckpt_interval", -1, "0 (at every evaluation)"), ("init_from", "gpt3", "scratch, resume"),
+                            ("ckpt_interval", -1, "0 (at every evaluation)"),
                             ("parallel", "zero", "ddp or fsdp"), ("optimizer", "sgd", "adamw or muon"),
                             ("muon_lr", 0.0, "positive"), ("muon_momentum", 1.0, "0 to 1"),
                             ("loss_chunk", -1, "0 (all tokens at once) or more")]:
@@ -2455,6 +2456,12 @@ def test_train_settings_are_checked(tiny_data, tmp_path, monkeypatch):
             with pytest.raises(SystemExit, match=f"error: {key}={value!r}: it must be .*{regex.escape(msg)}"):
                 train_py.check_settings(1)
     train_py.check_settings(1)  # the defaults pass
+    for key, value, msg in [("init_from", "gpt3", "init_from='gpt3' names nothing: give resume, a checkpoint file"),
+                            ("lora_targets", "attn,head", "lora_targets='attn,head': choose from qkv")]:
+        with monkeypatch.context() as mp:
+            mp.setattr(train_py, key, value)
+            with pytest.raises(ValueError, match=regex.escape(msg)):
+                train_py.check_settings(1)
     with monkeypatch.context() as mp:  # FSDP has no fp16 loss scaling: GPUs without bf16 are told what to do
         mp.setattr(train_py, "parallel", "fsdp")
         with pytest.raises(SystemExit, match="parallel=fsdp trains in bf16 or fp32.*dtype=fp32"):
@@ -2947,7 +2954,7 @@ def test_hf_export_checkpoints(tiny_data, tmp_path, gpt2):
     run = export(gpt2_ckpt, tmp_path / "gpt2-hf")
     assert run.returncode != 0 and f"{tmp_path / 'gpt2' / 'log.jsonl'}, line 4: not JSON" in run.stderr, run.stderr
     run = script("model.py", "export", gpt2_ckpt, tmp_path / "x")  # where the command was before
-    assert run.returncode != 0 and "python checkpoint.py export" in run.stderr
+    assert run.returncode != 0 and "python checkpoint.py export CKPT DIR" in run.stderr
 
 
 def test_hf_export_of_any_model_of_ours(tiny_data, tmp_path):
@@ -3007,3 +3014,59 @@ def test_bench_sections_run(section, tiny_data, gpt2):
         assert len(rows) >= 2 and any(ch.isdigit() for ch in "".join(rows[1:])), (title, table)
         assert re.search(r"\d{4}-\d\d-\d\d, ", table), title  # each table's date, device and versions
     assert script("bench.py", "--tiny", "nothing").returncode != 0
+
+
+# -----------------------------------------------------------------------------
+# README.md and docs/: every command they show
+
+
+def commands(text):
+    """The command lines in a markdown text: code blocks and inline code that run one of our
+    scripts, continuation lines joined, `&&` chains split; each as (script, its arguments)."""
+    spans = re.findall(r"```[^\n]*\n(.*?)```", text, re.S) + re.findall(r"(?<!`)`([^`\n][^`]*?)`(?!`)", text)
+    found = []
+    for span in spans:
+        for line in re.sub(r"\\\n\s*", " ", span).splitlines():
+            for part in line.split("&&"):
+                words = shlex.split(part, comments=True)  # as a shell splits it
+                at = next((i for i, w in enumerate(words) if w in SCRIPTS and i and words[i - 1] in ("python",
+                           "--nproc_per_node=8") or w in SCRIPTS and i > 1 and words[0] == "torchrun"), None)
+                if at is not None:
+                    found.append((words[at], words[at + 1:]))
+    return found
+
+
+SCRIPTS = ("prepare.py", "train.py", "sample.py", "bench.py", "checkpoint.py", "bpe.py")
+
+
+def test_readme_and_docs_commands_name_real_settings():
+    # each command that the README and docs show: the script exists, and its arguments are
+    # what it takes: the config file exists, and every --key is one of the script's
+    # settings with a value of the right type (configure() reads them as the script would)
+    import config as config_py
+    import train as train_py
+    import sample as sample_py
+    flags = {name: set(re.findall(r'add_argument\("(--\w+)"', (ROOT / name).read_text()))
+             for name in ("checkpoint.py", "bpe.py")} | {"bench.py": {"--tiny", "--data_dir"}}
+    seen = collections.Counter()
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for name, args in commands(doc.read_text()):
+            assert (ROOT / name).exists(), (doc.name, name)
+            seen[name] += 1
+            args = [a for a in args if a not in ("SECTION", "...")]  # the placeholders of `python bench.py SECTION ...`
+            if name in flags:
+                assert {a.split("=")[0] for a in args if a.startswith("--")} <= flags[name], (doc.name, name, args)
+                continue
+            owner = {"prepare.py": prepare, "train.py": train_py, "sample.py": sample_py}[name]
+            others = True if owner is prepare else config_py.setting_names(vars(prepare))
+            try:
+                config_py.configure(config_py.setting_names(vars(owner)), args, others=others)
+            except SystemExit as e:
+                raise AssertionError(f"{doc.name}: {name} {' '.join(args)}: {e}") from None
+    assert min(seen[n] for n in ("prepare.py", "train.py", "sample.py", "checkpoint.py", "bench.py")) >= 1, seen
+    # and the test reads what it should: a wrong key and a missing config file are caught
+    for line, msg in [("python train.py --n_layers=2", "unknown setting 'n_layers'"),
+                      ("python prepare.py config/nothing.py", "not found")]:
+        (name, args), = commands(f"```\n{line}\n```")
+        with pytest.raises(SystemExit, match=msg):
+            config_py.configure(config_py.setting_names(vars(train_py if name == "train.py" else prepare)), args)

@@ -67,7 +67,7 @@ bias = True
 tie_embeddings = True
 attn = "auto"  # how attention runs: "flash" (flash.py), "sdpa" (torch), "auto": flash on CUDA
 doc_mask = False  # attend only within documents (end-of-text tokens start them)
-qk_norm = False  # from the NanoGPT speedrun, each tried on the quickstart (README): RMS-normalized queries and keys
+qk_norm = False  # from the NanoGPT speedrun, each tried on the quickstart (docs/quickstart_trials.md): RMS-normalized queries and keys
 logit_softcap = 0.0  # output logits soft-capped at this (cap * tanh(logits / cap)); 0: off
 zero_init_proj = False  # the residual projections start at zero
 value_embeds = True  # every layer adds a learned embedding of the tokens to its attention values
@@ -153,17 +153,15 @@ def check_settings(world):
            ("log_interval", log_interval, log_interval >= 1, "1 or more"),
            ("ckpt_interval", ckpt_interval, ckpt_interval >= 0, "0 (at every evaluation) or more"),
            ("max_bad_steps", max_bad_steps, max_bad_steps >= 1, "1 or more"),
-           ("init_from", init_from, init_from in ("scratch", "resume") or init_from in prepare.PRETRAINED
-            or os.path.exists(init_from), f"scratch, resume, a checkpoint file, a directory, or one of "
-            f"{', '.join(prepare.PRETRAINED)}"),
            ("lora_rank", lora_rank, lora_rank >= 0, "0 (off) or more"),
            ("lora_rank", lora_rank, lora_rank == 0 or init_from != "scratch",
             "0 with init_from=scratch: LoRA adapts a trained model (give init_from a checkpoint or pretrained model)"),
            ("lora_alpha", lora_alpha, lora_alpha > 0, "a positive number"),
            ("lora_dropout", lora_dropout, 0 <= lora_dropout < 1, "0 to 1 (not 1)"),
-           ("lora_variant", lora_variant, lora_variant in model.LORA_VARIANTS, ", ".join(model.LORA_VARIANTS)),
-           ("lora_targets", lora_targets, all(t.strip() in model.LORA_TARGETS for t in lora_targets.split(",")),
-            f"a comma-separated list of {', '.join(model.LORA_TARGETS)}")])
+           ("lora_variant", lora_variant, lora_variant in model.LORA_VARIANTS, ", ".join(model.LORA_VARIANTS))])
+    model.lora_layers(lora_targets)  # what they name, or an error saying what they may name
+    if init_from != "scratch":
+        checkpoint.locate(init_from, out_dir)  # a model there, or an error saying what init_from may name
 
 # -----------------------------------------------------------------------------
 # Data: shards streamed in a shuffled order, each process reading its own part of every step
@@ -182,8 +180,7 @@ class Shards:
     the last shard the next pass starts."""
 
     def __init__(self, directory, split, B, T, rank, world, seed, per_step, shuffle=True, state=None):
-        self.files = sorted(os.path.join(directory, f) for f in os.listdir(directory)
-                            if f.startswith(split + "_") and f.endswith(".bin"))
+        self.files = prepare.shard_paths(directory, split)
         if not self.files:
             raise SystemExit(f"error: no {split}_*.bin shards in {directory}; run prepare.py first")
         self.B, self.T, self.rank, self.world, self.seed, self.shuffle = B, T, rank, world, seed, shuffle
@@ -220,8 +217,8 @@ def val_sequences(directory, T, n):
     """The val set every evaluation reads: the first n sequences of T + 1 tokens of the val
     shards, in order (all of them, if there are fewer). The same whatever the process count."""
     out = []
-    for f in sorted(f for f in os.listdir(directory) if f.startswith("val_") and f.endswith(".bin")):
-        tokens = prepare.read_shard(os.path.join(directory, f))
+    for path in prepare.shard_paths(directory, "val"):
+        tokens = prepare.read_shard(path)
         out += [tokens[i * T:(i + 1) * T + 1] for i in range((len(tokens) - 1) // T)][:n - len(out)]
     if not out:
         raise SystemExit(f"error: the val shards in {directory} hold fewer than block_size + 1 = {T + 1} tokens")
@@ -295,10 +292,10 @@ def model_config(vocab_size):
 
 def default_optimizer():
     """What optimizer="" and learning_rate=0 stand for, as {setting: value} for main() to
-    set. optimizer="": Muon when training from scratch (it was measured there: README),
+    set. optimizer="": Muon when training from scratch (it was measured there),
     AdamW where Muon cannot go (LoRA's low-rank adapters, FSDP's split matrices) and for
     fine-tuning, whose recipes were tuned with AdamW. learning_rate=0: each one's best on
-    the quickstart (config/quickstart_trials.md): under Muon, AdamW trains only the
+    the quickstart (docs/quickstart_trials.md): under Muon, AdamW trains only the
     embeddings, the head, norms and biases, and they gained from 4x the rate that AdamW
     was tuned to for the whole model. The choices go into checkpoints."""
     chosen = optimizer or ("muon" if init_from == "scratch" and lora_rank == 0 and parallel == "ddp" else "adamw")

@@ -28,7 +28,7 @@ total_batch_size = 524288
 micro_batch = 16  # 16 x 2048 per GPU; 8 GPUs and 2 micro-steps make a step
 learning_rate = 3e-3
 # AdamW, SmolLM2's recipe. Muon (--optimizer=muon, --muon_lr=0.02) is an option from
-# scratch, measured here on the quickstart only (README).
+# scratch, measured here on the quickstart only (docs/quickstart_trials.md).
 optimizer = "adamw"
 value_embeds = False  # SmolLM2's architecture; the quickstart's value embeddings are a setting to try
 min_lr = 0.0
