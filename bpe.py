@@ -36,6 +36,7 @@ import re
 import signal
 import threading
 import time
+import zlib
 
 import regex  # the stdlib `re` has no \p{L} (any letter) classes
 
@@ -176,7 +177,11 @@ def read_blocks(path, strict=True):
     utf8, done = codecs.getincrementaldecoder("utf-8")("strict" if strict else "replace"), 0
     with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
         while True:
-            data = f.read(CHUNK_CHARS)
+            try:
+                data = f.read(CHUNK_CHARS)
+            except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # cut short, or not gzip at all
+                raise ValueError(f"{path}: not a whole gzip file ({type(e).__name__}: {e}); delete it, and download "
+                                 "or compress it again") from None
             held = len(utf8.getstate()[0])  # the first bytes of a character that the last block cut
             try:
                 yield utf8.decode(data, final=not data)

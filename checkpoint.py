@@ -51,7 +51,7 @@ from model import GPT, GPTConfig, add_lora, merge_lora
 # Save
 
 
-def save(path, m, optimizer, scaler, step, data, settings, tok_spec, base, lora, loss, sharded):
+def save(path, m, optimizer, scaler, step, data, rng, settings, tok_spec, base, lora, loss, sharded):
     """Saves everything needed to continue exactly; returns False, saving nothing, when the
     model is not healthy: a weight is not finite, or `loss` (what these weights give on
     some val tokens) is not finite or worse than knowing nothing (healthy). Under FSDP
@@ -62,9 +62,7 @@ def save(path, m, optimizer, scaler, step, data, settings, tok_spec, base, lora,
     if not healthy(m, loss, sharded):
         return False
     ckpt = {"model_config": dataclasses.asdict(m.cfg), "base": base, "lora": lora, "scaler": scaler.state_dict(),
-            "step": step, "data": data, "settings": settings, "tokenizer": tok_spec,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+            "step": step, "data": data, "rng": rng, "settings": settings, "tokenizer": tok_spec}
     if sharded:
         ckpt["shards"] = save_shards(path, m, optimizer, step, lora, master)
         if not master:
@@ -72,8 +70,11 @@ def save(path, m, optimizer, scaler, step, data, settings, tok_spec, base, lora,
     else:  # the adapters only under LoRA, and where the frozen base comes from
         ckpt["model"], ckpt["optimizer"] = model_state(m, lora), optimizer.state_dict()
     new, prev = path.replace(".pt", ".new.pt"), path.replace(".pt", ".prev.pt")
-    with atomic_write(new, "wb") as f:
-        torch.save(ckpt, f)
+    try:
+        with atomic_write(new, "wb") as f:
+            torch.save(ckpt, f)
+    except (OSError, RuntimeError) as e:  # torch says "unexpected pos" where the disk is full
+        raise WriteError(path, e) from None
     torch.load(new, map_location="cpu", weights_only=False, mmap=True)  # readable, or this raises
     if os.path.exists(path):  # keep the last good one: a hard link, renamed into place
         with contextlib.suppress(FileNotFoundError):
@@ -90,6 +91,25 @@ def worst_loss(cfg):
     the vocabulary, ln V, which any model that learned anything beats. A fresh model's loss
     is about ln V."""
     return math.log(cfg.vocab_size) + 1.0
+
+
+class WriteError(ValueError):
+    """A checkpoint that could not be written (a full disk, mostly): where, why, how much room."""
+
+    def __init__(self, path, e):
+        where = os.path.dirname(os.path.abspath(path))
+        size = os.path.getsize(path) / 1e6 if os.path.exists(path) else None
+        free = shutil.disk_usage(where).free / 1e6
+        super().__init__(f"cannot write a checkpoint into {where} ({type(e).__name__}: {str(e).strip()[:200]}); its "
+                         f"disk has {free:.0f} MB free" + (f", and the last checkpoint took {size:.0f} MB" if size else "")
+                         + ": free some space, then resume from the last good checkpoint")
+
+
+def rng_state(dev):
+    """This process's random states, for a checkpoint's list of every process's: torch's
+    CPU generator, numpy's, python's, and its own GPU's."""
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
 
 
 def healthy(m, loss, sharded):
@@ -247,10 +267,11 @@ def model_from_checkpoint(ckpt, weights=True):
     return model
 
 
-def restore(ckpt, m, optimizer, scaler, lora):
-    """The optimizer, the loss scaler and every RNG as they were at the checkpoint, and a
-    sharded checkpoint's weights: whatever the number of processes then and now, and
-    whether sharded then or now."""
+def restore(ckpt, m, optimizer, scaler, lora, rank, dev):
+    """The optimizer, the loss scaler and this process's random states as they were at the
+    checkpoint, and a sharded checkpoint's weights: whatever the number of processes then
+    and now, and whether sharded then or now. A process that the checkpoint had no state
+    for (more processes now) keeps the fresh seed it has."""
     if "shards" in ckpt:  # each process reads the pieces it holds now from the files that have them
         state = {"model": model_state(m, lora), "optimizer": get_optimizer_state_dict(m, optimizer)}
         read_shards(ckpt, state, no_dist=not dist.is_initialized())
@@ -266,12 +287,13 @@ def restore(ckpt, m, optimizer, scaler, lora):
     else:
         optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
-    rng = ckpt["rng"]
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    states = ckpt["rng"] if isinstance(ckpt["rng"], list) else [dict(ckpt["rng"], cuda=None)]  # older: process 0's
+    if rank < len(states):
+        torch.set_rng_state(states[rank]["torch"])
+        np.random.set_state(states[rank]["numpy"])
+        random.setstate(states[rank]["python"])
+        if states[rank]["cuda"] is not None and dev.type == "cuda":
+            torch.cuda.set_rng_state(states[rank]["cuda"], dev)
 
 
 def resume_settings(ckpt, given, changeable, names):

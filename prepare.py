@@ -16,9 +16,11 @@ settings come from config/ (configure).
 Read next: model.py
 """
 import difflib
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -30,7 +32,7 @@ import numpy as np
 import requests
 
 import bpe
-from config import atomic_write, check, configure, setting_names
+from config import atomic_write, check, configure, setting_names, settings_in
 
 # -----------------------------------------------------------------------------
 # settings: these defaults, then a config file, then --key=value (config/__init__.py)
@@ -88,7 +90,8 @@ def download(url, path, size=None, sha256=None):
     """Downloads url to path, unless path exists. Streams to path.part and resumes it
     with a Range request (from zero if the server ignores Range or answers from another
     offset); retries with backoff on connection errors, 429 and 5xx, giving up after
-    RETRIES failures in a row without progress; then renames the file into place.
+    RETRIES attempts in a row that got no further into the file than any before; then
+    checks what came (looks_like) and renames it into place.
 
     A download is accepted only when it can be checked whole: its size or sha256 is
     given, or the Hugging Face hub names them (X-Linked-Size, X-Linked-Etag), or the
@@ -107,7 +110,7 @@ def download(url, path, size=None, sha256=None):
     headers = {"Accept-Encoding": "identity"}  # offsets must count the bytes as stored, not decompressed
     if os.environ.get("HF_TOKEN") and urllib.parse.urlsplit(url)[:2] == urllib.parse.urlsplit(HF)[:2]:
         headers["Authorization"] = f"Bearer {os.environ['HF_TOKEN']}"
-    part, failures = path + ".part", 0
+    part, failures, furthest = path + ".part", 0, 0
     while True:
         have = os.path.getsize(part) if os.path.exists(part) else 0
         try:
@@ -146,21 +149,48 @@ def download(url, path, size=None, sha256=None):
             print(f"\rdownloaded {os.path.basename(path)}: {done / 1e6:.1f} MB" + " " * 30, file=sys.stderr)
             break
         except requests.RequestException as e:
-            progressed = os.path.exists(part) and os.path.getsize(part) > have
-            failures = 0 if progressed else failures + 1
+            reached = os.path.getsize(part) if os.path.exists(part) else 0
+            failures = 0 if reached > furthest else failures + 1  # a server that restarts and cuts off makes none
+            furthest = max(furthest, reached)
             if failures >= RETRIES:
-                raise DownloadError(f"cannot download {url}: {failures} failures in a row, the last: {e}") from None
+                raise DownloadError(f"cannot download {url}: {failures} attempts in a row got no further than "
+                                    f"{furthest:,} bytes, the last: {e}") from None
             wait = BACKOFF * 2 ** failures
             print(f"\n{url}: {e}; retrying in {wait:.0f}s", file=sys.stderr)
             time.sleep(wait)
     got = os.path.getsize(part)
     problem = f"{got} bytes, expected {size}" if size and got != size else \
-        "its sha256 does not match" if sha256 and _sha256(part) != sha256 else None
+        "its sha256 does not match" if sha256 and _sha256(part) != sha256 else looks_like(part, path)
     if problem:
         os.remove(part)  # never leave a bad file behind
         raise DownloadError(f"download of {url} failed: {problem}; run again to retry")
     os.replace(part, path)
     return path
+
+
+def looks_like(part, path):
+    """What is wrong with a downloaded file for the format its name says (None: nothing):
+    a captive portal or an error page can answer 200 with HTML, which no size or hash
+    pinned down catches. Checks the start of the file only (a .json file whole)."""
+    with open(part, "rb") as f:
+        head = f.read(1 << 16)
+    html = head.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html"))
+    page = " but an HTML page (a captive portal, or an error page?)" if html else ""
+    if path.endswith(".gz"):
+        return None if head[:2] == b"\x1f\x8b" else "it is not gzip data" + page
+    if path.endswith(".json"):
+        try:
+            json.loads(open(part, "rb").read())
+            return None
+        except ValueError:
+            return "it is not JSON" + page
+    if path.endswith(".safetensors"):
+        n = int.from_bytes(head[:8], "little")
+        return None if 8 + n <= os.path.getsize(part) and head[8:9] == b"{" else "it is not a safetensors file" + page
+    if re.search(r"(train|val)_\d+\.bin$", path):  # a shard
+        magic = int.from_bytes(head[:4], "little")
+        return None if any(magic == m for m, _ in FORMATS.values()) else "it is not a token shard" + page
+    return "it is an HTML page, not the text (a captive portal, or an error page?)" if html else None
 
 
 def _hub_checks(r, size, sha256):
@@ -512,6 +542,11 @@ def build_eval_index(enc, out):
         examples += [(i, t) for t in tokens if len(t) >= ngram]
         rows.append({"name": name, "examples": len(tokens), "checked": sum(len(t) >= ngram for t in tokens),
                      "removed_documents": 0, "removed_tokens": 0})
+        if not rows[-1]["checked"]:  # checking against nothing would pass every document, and say so
+            why = f"{name} has {len(tokens)} examples and none of {ngram} tokens or more (ngram={ngram})"
+            if decontaminate:  # asked for: an error
+                raise ValueError(f"decontaminate: {why}: nothing to check against. Give another set, or a smaller ngram")
+            print(f"decontamination: not done, as {why}")
     path = os.path.join(out, "eval_index.npz")
     with atomic_write(path, "wb") as f:
         np.savez(f, **eval_index(examples, ngram))
@@ -737,12 +772,20 @@ def fetch_shards(url, out):
 
 
 if __name__ == "__main__":
-    configure(globals(), others=True)  # a config file holds train.py's settings too
+    # a config file may hold train.py's and sample.py's settings too; a key that none has is a typo
+    configure(globals(), others=settings_in("train.py") | settings_in("sample.py"))
     print("settings:", setting_names(globals()))
     try:
         prepare()
     except (DownloadError, ValueError) as e:
         raise SystemExit(f"prepare.py: error: {e}") from None
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        free = shutil.disk_usage(data_dir).free / 1e6
+        raise SystemExit(f"prepare.py: error: no space left on the disk of {os.path.abspath(data_dir)} ({free:.0f} MB "
+                         "free): free some, or give another --data_dir, and run again; nothing half-written was "
+                         "kept") from None
     except KeyboardInterrupt:
         # every file appears whole or not at all (atomic writes, meta.json last), and a
         # download keeps its .part to resume from

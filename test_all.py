@@ -198,7 +198,7 @@ class FileServer(http.server.BaseHTTPRequestHandler):
         if kind == "gzip" and "gzip" in self.headers.get("Accept-Encoding", ""):
             data = gzip.compress(data)  # served compressed to clients that accept it
         start = 0
-        if self.headers.get("Range") and kind != "norange":
+        if self.headers.get("Range") and kind not in ("norange", "halves"):
             start = int(self.headers["Range"].split("=")[1].rstrip("-"))
         if start >= len(data) and start:
             self.send_response(416)
@@ -214,8 +214,8 @@ class FileServer(http.server.BaseHTTPRequestHandler):
         if start:
             self.send_header("Content-Range", f"bytes {shown}-{len(data) - 1}/{len(data)}")
         self.end_headers()
-        if (kind in ("cut", "nolength") and seen == 1) or kind == "drip":
-            self.wfile.write(data[shown:shown + (100_000 if kind == "drip" else len(data) // 2)])  # then it drops
+        if (kind in ("cut", "nolength") and seen == 1) or kind in ("drip", "halves"):
+            self.wfile.write(data[shown:shown + (100_000 if kind == "drip" else (len(data) - shown) // 2)])  # then it drops
             self.close_connection = True
             return
         self.wfile.write(data[shown:])
@@ -343,6 +343,27 @@ def test_config_settings_from_files_and_command_line(tmp_path, capsys):
     check([("x", 1, True, "anything")])
     with pytest.raises(SystemExit, match=r"error: top_p=1\.5: it must be 0 to 1"):
         check([("x", 1, True, "anything"), ("top_p", 1.5, False, "0 to 1"), ("y", 0, False, "never reached")])
+
+
+def test_config_files_are_python_and_their_keys_known(tmp_path):
+    # a YAML-like file, or a line of it in a .py file (valid Python: an annotation that sets
+    # nothing), is refused rather than silently ignored
+    (tmp_path / "c.yaml").write_text("n_layer: 2\n")
+    (tmp_path / "c.py").write_text("max_steps = 3\nn_layer: 2\n")
+    for path, msg in [("c.yaml", "config files are Python, named .py"),
+                      ("c.py", "c.py, line 2: `n_layer: 2` sets nothing")]:
+        with pytest.raises(SystemExit, match=regex.escape(msg)):
+            configure({"n_layer": 4, "max_steps": 1}, [str(tmp_path / path)])
+    # prepare.py skips the keys of a training config, but a key that no script has is a typo
+    (tmp_path / "typo.py").write_text('datset = "tinystories"\n')
+    (tmp_path / "train_keys.py").write_text('dataset = "stdlib"\nn_layer = 2\nmax_new_tokens = 5\n')
+    run = script("prepare.py", tmp_path / "typo.py", f"--data_dir={tmp_path}")
+    assert run.returncode == 1 and "unknown setting 'datset'" in run.stderr and "did you mean dataset" in run.stderr
+    import config as config_py
+    assert {"n_layer", "max_new_tokens"} <= config_py.settings_in("train.py") | config_py.settings_in("sample.py")
+    given = configure(config_py.setting_names(vars(prepare)), [str(tmp_path / "train_keys.py")],
+                      others=config_py.settings_in("train.py") | config_py.settings_in("sample.py"))
+    assert given == {"dataset": "stdlib"}
 
 
 def test_config_files_read_and_quickstart_is_the_default():
@@ -977,8 +998,23 @@ def test_prepare_download_errors(server, tmp_path, fast_retries, monkeypatch):
     with pytest.raises(prepare.DownloadError, match=r"no-such-host\.invalid.*offline.*python prepare.py"):
         prepare.download("https://no-such-host.invalid/x.bin", str(tmp_path / "x.bin"))
     monkeypatch.setattr(prepare, "RETRIES", 2)
-    with pytest.raises(prepare.DownloadError, match="2 failures in a row"):
+    with pytest.raises(prepare.DownloadError, match="2 attempts in a row got no further than 0 bytes"):
         prepare.download(f"{server}/flaky/b.bin", str(tmp_path / "f.bin"))
+    # a server that ignores Range and cuts every answer at half: each attempt starts again and
+    # gets as far as the last, which is no progress; it gives up after RETRIES of them
+    FileServer.LOG.clear()
+    FileServer.FILES["big.bin"] = os.urandom(1_000_000)
+    with pytest.raises(prepare.DownloadError, match="2 attempts in a row got no further than [0-9,]+ bytes"):
+        prepare.download(f"{server}/halves/big.bin", str(tmp_path / "h.bin"))
+    assert len(FileServer.LOG) == 3 and not (tmp_path / "h.bin").exists()  # its .part stays, to resume from
+    # a 200 answer that is an HTML page (a captive portal) is not the file its name says
+    FileServer.FILES["page"] = b"  <!DOCTYPE html><html><body>Please log in</body></html>"
+    for name, msg in [("data.txt.gz", "not gzip data but an HTML page"), ("config.json", "not JSON but an HTML page"),
+                      ("train_000001.bin", "not a token shard but an HTML page"), ("input.txt", "an HTML page")]:
+        FileServer.FILES[name] = FileServer.FILES["page"]
+        with pytest.raises(prepare.DownloadError, match=msg):
+            prepare.download(f"{server}/plain/{name}", str(tmp_path / name))
+        assert not (tmp_path / name).exists() and not (tmp_path / (name + ".part")).exists()
     # HF_TOKEN goes to the Hugging Face endpoint only: same scheme, host and port
     monkeypatch.setenv("HF_TOKEN", "secret")
     monkeypatch.setattr(prepare, "HF", server)
@@ -1249,6 +1285,19 @@ def test_prepare_your_own_data_with_decontamination(tmp_path):
                         (tmp_path / "bad.jsonl", "bad.jsonl, line 2: no field 'text' (set text_field)")]:
         run = run_prepare(f"--dataset={source}", "--tokenizer=bpe:300", f"--data_dir={tmp_path / 'bad'}")
         assert run.returncode != 0 and msg in run.stderr and "Traceback" not in run.stderr, (source, run.stderr)
+    # broken gzip files, and evaluation sets with nothing to check against, in this process (one worker)
+    gz = (tmp_path / "corpus.txt.gz").read_bytes()
+    (tmp_path / "cut.txt.gz").write_bytes(gz[:len(gz) // 2])
+    (tmp_path / "fake.txt.gz").write_text("not gzip at all")
+    (tmp_path / "empty.jsonl").write_text("")
+    for args, msg in [([f"--dataset={tmp_path / 'cut.txt.gz'}"], "cut.txt.gz: not a whole gzip file (EOFError"),
+                      ([f"--dataset={tmp_path / 'fake.txt.gz'}"], "fake.txt.gz: not a whole gzip file (BadGzipFile"),
+                      ([f"--decontaminate={tmp_path / 'empty.jsonl'}"], "empty.jsonl has 0 examples and none of 8"),
+                      ([f"--decontaminate={tmp_path / 'evals.jsonl'}", "--text_field=question", "--ngram=1000"],
+                       "evals.jsonl has 3 examples and none of 1000 tokens or more")]:
+        run = script("prepare.py", f"--dataset={tmp_path / 'corpus.txt'}", "--tokenizer=bpe:300", "--workers=1",
+                     "--val_fraction=0.2", f"--data_dir={tmp_path / 'bad'}", *args)
+        assert run.returncode == 1 and msg in run.stderr and "Traceback" not in run.stderr, (args, run.stderr)
     for args, msg in [(["--decontaminate=nowhere.jsonl"], "decontaminate='nowhere.jsonl'"),
                       (["--overlap=1.0"], "overlap=1.0"), (["--val_fraction=0"], "val_fraction=0"),
                       (["--dataset=fineweb10B", "--decontaminate=val"], "pre-tokenized")]:
@@ -2051,7 +2100,7 @@ def test_train_ddp_and_fsdp_match_one_process(tiny_data, tmp_path):
     # the sharded run measured
     out = tmp_path / "fsdp"
     assert sorted(p.name for p in out.iterdir()) == ["ckpt.000004.dcp", "ckpt.000008.dcp", "ckpt.prev.pt", "ckpt.pt",
-                                                     "log.jsonl"]
+                                                     "log.jsonl", "train.lock"]
     assert sorted(p.name for p in (out / "ckpt.000008.dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     ckpt = checkpoint.load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["shards"] == "ckpt.000008.dcp" and "model" not in ckpt and "optimizer" not in ckpt
@@ -2066,7 +2115,7 @@ def test_train_ddp_and_fsdp_match_one_process(tiny_data, tmp_path):
         (back / "log.jsonl").unlink()
         run, resumed = train(tiny_data, back, *args, "--init_from=resume", *extra, torchrun=n)
         assert run.returncode == 0, run.stderr + run.stdout
-        agree(logs["one"][-6:], resumed)  # the evaluation at step 4, steps 5 to 8, and the one at step 8
+        agree(logs["one"][-5:], resumed)  # steps 5 to 8 and the evaluation at step 8 (step 4's was the run's before)
         assert (back / "ckpt.000008.dcp" / "__0_0.distcp").exists() and not (back / "ckpt.000008.dcp.tmp").exists()
 
 
@@ -2250,10 +2299,96 @@ def test_train_signals_and_kills_lose_at_most_one_interval(tiny_data, tmp_path):
     proc = train_until(tiny_data, tmp_path / "b", "step 10: saved", "--eval_interval=5")
     proc.kill()
     proc.communicate(timeout=60)
-    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["ckpt.prev.pt", "ckpt.pt", "log.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["ckpt.prev.pt", "ckpt.pt", "log.jsonl", "train.lock"]
     assert [checkpoint.load_checkpoint(str(tmp_path / "b" / f))["step"] for f in ("ckpt.pt", "ckpt.prev.pt")] == [10, 5]
     run, logs = train(tiny_data, tmp_path / "b", "--max_steps=12", "--init_from=resume", "--eval_interval=5")
     assert run.returncode == 0 and "step 12: saved" in run.stdout and "done: 12 steps" in run.stdout, run.stderr
+
+
+def test_train_one_run_per_out_dir(tiny_data, tmp_path):
+    # a running run holds its out_dir: a second one there is refused with the first's PID,
+    # with --overwrite too; once the first is killed (-9), the lock is free again
+    proc = train_until(tiny_data, tmp_path, "step 2: saved", "--eval_interval=2")
+    for args in ([], ["--overwrite"], ["--init_from=resume"]):
+        run, _ = train(tiny_data, tmp_path, "--max_steps=4", *args)
+        assert run.returncode == 1 and f"in use by another train.py run (PID {proc.pid})" in run.stderr, run.stderr
+    proc.kill()
+    proc.communicate(timeout=60)
+    run, logs = train(tiny_data, tmp_path, "--init_from=resume", "--max_steps=6", "--eval_interval=2")
+    assert run.returncode == 0, run.stderr
+    # the step a resumed run starts from was evaluated by the run before: not again
+    steps = [r["step"] for r in logs if "val_loss" in r]
+    assert len(steps) == len(set(steps)), steps
+
+
+def test_train_resume_checks_its_data_and_takes_new_settings(tiny_data, tmp_path):
+    run, _ = train(tiny_data, tmp_path / "a", "--max_steps=4", "--eval_interval=4", "--optimizer=muon")
+    assert run.returncode == 0 and "weight_decay=0.1 applies to no weight" in run.stdout, run.stderr
+    # weight decay, betas and Muon's momentum changed on resume are the ones the optimizer uses
+    run, _ = train(tiny_data, tmp_path / "a", "--init_from=resume", "--max_steps=6", "--weight_decay=0.5",
+                   "--beta2=0.99", "--muon_momentum=0.9", "--optimizer=muon")
+    assert run.returncode == 0, run.stderr
+    groups = checkpoint.load_checkpoint(str(tmp_path / "a" / "ckpt.pt"))["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], g["betas"], g.get("momentum")) for g in groups] == \
+        [(0.5, (0.9, 0.99), 0.9), (0.0, (0.9, 0.99), 0.9), (0.0, (0.9, 0.99), 0.9)]
+    # another total_batch_size: the data position moves on to a whole step of the new size
+    assert checkpoint.load_checkpoint(str(tmp_path / "a" / "ckpt.pt"))["data"]["pos"] == 6 * 8  # 6 steps of 8
+    run, _ = train(tiny_data, tmp_path / "a", "--init_from=resume", "--max_steps=7", "--total_batch_size=320",
+                   "--micro_batch=5", "--optimizer=muon")
+    assert run.returncode == 0 and "2 sequences skipped to start a whole step" in run.stdout, run.stderr
+    assert checkpoint.load_checkpoint(str(tmp_path / "a" / "ckpt.pt"))["data"]["pos"] == 50 + 10
+    # data prepared again since, with other shards: named, not an IndexError
+    for change in ("fewer", "other"):
+        data = tmp_path / change
+        shutil.copytree(tiny_data / "stdlib", data / "stdlib")
+        shards = sorted((data / "stdlib").glob("train_*.bin"))
+        if change == "fewer":
+            for shard in shards[1:]:
+                shard.unlink()
+        else:
+            prepare.write_shard(str(shards[0]), prepare.read_shard(shards[0])[:-1000], np.uint16)
+        run, _ = train(data, tmp_path / "a", "--init_from=resume", "--max_steps=9", "--optimizer=muon")
+        assert run.returncode == 1 and "the data changed since" in run.stderr and "Traceback" not in run.stderr, \
+            run.stderr
+
+
+def test_train_and_prepare_on_a_full_disk(tiny_data, tmp_path, monkeypatch):
+    # torch.save on a full disk raises "unexpected pos": the run stops naming the disk, its free
+    # space, the last checkpoint's size and the last good one; nothing half-written is left
+    run, _ = train(tiny_data, tmp_path / "a", "--max_steps=2", "--eval_interval=2")
+    assert run.returncode == 0, run.stderr
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 23552 vs 23440")
+    with monkeypatch.context() as mp:
+        mp.setattr(torch, "save", full)
+        run, _ = train(tiny_data, tmp_path / "a", "--init_from=resume", "--max_steps=4", "--eval_interval=2")
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert f"cannot write a checkpoint into {tmp_path / 'a'}" in run.stderr and "MB free" in run.stderr
+    assert "the last checkpoint took" in run.stderr and "at step 2" in run.stderr, run.stderr
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["ckpt.pt", "log.jsonl", "train.lock"]
+    # prepare.py: a full disk while it writes shards is one line, and nothing looks complete
+    import config as config_py
+
+    @contextlib.contextmanager
+    def no_space(path, mode="w"):
+        raise OSError(28, "No space left on device")
+        yield
+    monkeypatch.setattr(config_py, "atomic_write", no_space)
+    run = script("prepare.py", f"--data_dir={tmp_path / 'data'}", "--max_docs=5", "--tokenizer=bpe:260", "--workers=1")
+    assert run.returncode == 1 and "no space left on the disk of" in run.stderr and "Traceback" not in run.stderr
+    assert not list((tmp_path / "data").rglob("meta.json"))
+
+
+def test_train_checkpoints_on_the_clock(tiny_data, tmp_path):
+    # every ckpt_minutes (checked at log lines), as well as every interval: here 0.6 s
+    run, _ = train(tiny_data, tmp_path, "--max_steps=12", "--eval_interval=100", "--log_interval=1",
+                   "--ckpt_minutes=0.01")
+    assert run.returncode == 0 and "and every 0.01 minutes" in run.stdout, run.stderr
+    timed = [line for line in run.stdout.splitlines() if line.endswith("(0.01 minutes since the last)")]
+    assert timed and all(": saved " in line for line in timed)
+    run, _ = train(tiny_data, tmp_path / "off", "--max_steps=3", "--ckpt_minutes=0")
+    assert run.returncode == 0 and "checkpoints: every 400 steps, at the end" in run.stdout
 
 
 def test_train_fsdp_checkpoints_survive_kills(tiny_data, tmp_path):
@@ -2394,6 +2529,8 @@ def test_train_lora_fine_tunes_a_checkpoint(tiny_data, tiny_checkpoint, new_doma
     assert run.returncode == 0, run.stderr + run.stdout
     for a, b in zip([r for r in logs if r["step"] <= 4], two):
         assert a["step"] == b["step"] and all(abs(a[k] - b[k]) <= 1e-5 * abs(a[k]) for k in ("loss", "val_loss") if k in a)
+    rng = checkpoint.load_checkpoint(str(tmp_path / "c" / "ckpt.pt"))["rng"]  # each process its own draws, and state
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
     # and under FSDP, the frozen base sharded with the adapters: the same; its sharded
     # checkpoint holds the adapters only, and put together gives the loss the run measured
     run, sharded = train(new_domain, tmp_path / "f", f"--init_from={base}", "--max_steps=4", *lora, "--parallel=fsdp",
@@ -2615,7 +2752,7 @@ def test_sample_bad_settings_and_inputs(tiny_checkpoint, tmp_path, monkeypatch):
         assert len(run.stderr.strip().splitlines()) == 1, run.stderr
 
 
-def test_sample_a_fine_tuned_pretrained_directory(tmp_path):
+def test_sample_a_fine_tuned_pretrained_directory(tmp_path, tiny_data):
     # a Hugging Face checkpoint directory with its own tokenizer.json, made here (a random
     # Llama and a BPE trained by Hugging Face tokenizers; no download): prepare.py
     # tokenizes with the model's tokenizer, train.py fine-tunes the weights, and sample.py
@@ -2641,6 +2778,9 @@ def test_sample_a_fine_tuned_pretrained_directory(tmp_path):
     assert meta["tokenizer"] == "tokenizer.json" and meta["vocab_size"] == 400 and meta["eot_id"] == 0
     run, logs = train(data, tmp_path / "ft", f"--init_from={pretrained}", "--max_steps=8", "--eval_interval=8")
     assert run.returncode == 0, run.stderr
+    # data in another tokenizer than the pretrained model's is refused, as for a checkpoint
+    bad, _ = train(tiny_data, tmp_path / "bad", f"--init_from={pretrained}", "--max_steps=2")
+    assert bad.returncode == 1 and "was tokenized with another tokenizer" in bad.stderr, bad.stderr
     val = [r["val_loss"] for r in logs if "val_loss" in r]
     assert len(val) == 2 and val[1] < val[0] - 0.5  # from a random model's ~ln(400) = 6.0
     ckpt = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=False)
@@ -2672,7 +2812,8 @@ def test_checkpoint_save_and_load(tmp_path):
     spec = {"name": "gpt2", "files": {}}
 
     def save(step, loss):
-        return checkpoint.save(path, m, opt, scaler, step, {"shard": 1}, {"lr": 1.0}, spec, "gpt2", None, loss, False)
+        return checkpoint.save(path, m, opt, scaler, step, {"shard": 1}, [checkpoint.rng_state(torch.device("cpu"))],
+                               {"lr": 1.0}, spec, "gpt2", None, loss, False)
     assert save(5, 3.0) and save(6, 4.0)
     ckpt = checkpoint.load_checkpoint(path)
     assert set(ckpt) == {"model_config", "model", "optimizer", "scaler", "step", "data", "rng", "settings", "tokenizer",
@@ -3058,7 +3199,8 @@ def test_readme_and_docs_commands_name_real_settings():
                 assert {a.split("=")[0] for a in args if a.startswith("--")} <= flags[name], (doc.name, name, args)
                 continue
             owner = {"prepare.py": prepare, "train.py": train_py, "sample.py": sample_py}[name]
-            others = True if owner is prepare else config_py.setting_names(vars(prepare))
+            others = config_py.settings_in("train.py") | config_py.settings_in("sample.py") if owner is prepare \
+                else config_py.setting_names(vars(prepare))
             try:
                 config_py.configure(config_py.setting_names(vars(owner)), args, others=others)
             except SystemExit as e:

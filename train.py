@@ -19,6 +19,7 @@ Read next: sample.py
 import contextlib
 import ctypes
 import dataclasses
+import fcntl
 import gzip
 import json
 import math
@@ -94,7 +95,7 @@ warmup_steps = 20
 max_steps = 720
 schedule = "wsd"  # or "cosine"
 decay_frac = 0.6  # WSD: the last fraction of the steps decays linearly
-weight_decay = 0.1
+weight_decay = 0.1  # AdamW's, on matrices only; none on Muon's: with a tied head it then decays no weight
 decay_embeddings = False
 beta1 = 0.9
 beta2 = 0.95
@@ -108,6 +109,7 @@ eval_interval = 400
 eval_tokens = 170000  # the fixed val tokens each evaluation reads (about all of stdlib's), whatever the process count
 log_interval = 10
 ckpt_interval = 0  # steps between checkpoints; 0: at every evaluation
+ckpt_minutes = 5.0  # also a checkpoint once this many minutes passed since the last (at a log line); 0: off
 seed = 1337
 max_bad_steps = 5  # non-finite losses in a row before training stops
 
@@ -119,7 +121,8 @@ CHANGE_ON_RESUME = {"init_from", "out_dir", "data_dir", "overwrite", "max_steps"
                     "warmup_steps", "schedule", "decay_frac", "weight_decay", "beta1", "beta2", "grad_clip",
                     "muon_lr", "muon_momentum",
                     "total_batch_size", "micro_batch", "device", "dtype", "compile", "eval_interval",
-                    "eval_tokens", "log_interval", "ckpt_interval", "max_bad_steps", "parallel", *RUN_OPTIONS}
+                    "eval_tokens", "log_interval", "ckpt_interval", "ckpt_minutes", "max_bad_steps", "parallel",
+                    *RUN_OPTIONS}
 
 
 def check_settings(world):
@@ -152,6 +155,7 @@ def check_settings(world):
            ("eval_tokens", eval_tokens, eval_tokens >= block_size, f"block_size ({block_size}) or more"),
            ("log_interval", log_interval, log_interval >= 1, "1 or more"),
            ("ckpt_interval", ckpt_interval, ckpt_interval >= 0, "0 (at every evaluation) or more"),
+           ("ckpt_minutes", ckpt_minutes, 0 <= ckpt_minutes < math.inf, "0 (off) or more"),
            ("max_bad_steps", max_bad_steps, max_bad_steps >= 1, "1 or more"),
            ("lora_rank", lora_rank, lora_rank >= 0, "0 (off) or more"),
            ("lora_rank", lora_rank, lora_rank == 0 or init_from != "scratch",
@@ -186,7 +190,17 @@ class Shards:
         self.B, self.T, self.rank, self.world, self.seed, self.shuffle = B, T, rank, world, seed, shuffle
         self.per_step = per_step
         self.shard, self.pos, self.epoch = (state["shard"], state["pos"], state["epoch"]) if state else (0, 0, 0)
+        saved = state.get("shards", len(self.files)) if state else len(self.files)  # (older checkpoints lack it)
+        if self.shard >= len(self.files) or saved != len(self.files):
+            raise SystemExit(f"error: the checkpoint's data position (shard {self.shard} of {saved}) does not fit "
+                             f"{directory}, which has {len(self.files)} {split} shards: the data changed since (prepared "
+                             "again?). Resume on the data it was trained on, or start over with --overwrite")
         self._load()
+        if state and state.get("tokens", len(self.tokens)) != len(self.tokens):
+            raise SystemExit(f"error: {self.files[self.shard]} holds {len(self.tokens)} tokens, but {state['tokens']} "
+                             "when the checkpoint was saved: the data changed since (prepared again?)")
+        self.realigned = self.pos % per_step  # a resume with another total_batch_size: on to the next step
+        self.pos += -self.pos % per_step
 
     def _load(self):
         self.tokens = prepare.read_shard(self.files[self.shard])
@@ -210,7 +224,8 @@ class Shards:
         return buf[:, :-1], buf[:, 1:]
 
     def state(self):
-        return {"shard": self.shard, "pos": self.pos, "epoch": self.epoch}
+        return {"shard": self.shard, "pos": self.pos, "epoch": self.epoch, "shards": len(self.files),
+                "tokens": len(self.tokens)}
 
 
 def val_sequences(directory, T, n):
@@ -341,11 +356,24 @@ def make_optimizer(m, dev):
             decay.append(p)
         else:
             no_decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay}, {"params": no_decay}]
     if optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fused=dev.type == "cuda")
-    return Muon(groups + [{"params": hidden, "muon": True, "lr": muon_lr, "weight_decay": 0.0}],
-                lr=learning_rate, betas=(beta1, beta2), momentum=muon_momentum)
+        opt = torch.optim.AdamW(groups, lr=learning_rate, fused=dev.type == "cuda")
+    else:
+        opt = Muon(groups + [{"params": hidden, "muon": True}], lr=learning_rate, betas=(beta1, beta2),
+                   momentum=muon_momentum)
+    return set_hyperparameters(opt)
+
+
+def set_hyperparameters(opt):
+    """The settings' weight decay, betas and momentum on the groups make_optimizer made (in
+    its order: decay, no decay, Muon's): when made, and again after a resume has restored
+    the checkpoint's, which may be changed on resume (the learning rate is set every step)."""
+    for i, group in enumerate(opt.param_groups):
+        group.update(weight_decay=weight_decay if i == 0 else 0.0, betas=(beta1, beta2))
+        if "momentum" in group:  # Muon's (the momentum of its matrices)
+            group["momentum"] = muon_momentum
+    return opt
 
 
 def orthogonalize(g, steps=5):
@@ -474,7 +502,8 @@ def setup_distributed():
 
 
 def prepare_out_dir(resuming, master):
-    """out_dir, made and checked writable; a from-scratch run does not overwrite a run there."""
+    """out_dir, made, checked writable and held (hold_out_dir) by process 0; a from-scratch
+    run does not overwrite a run there. Returns the hold, which ends when it is closed."""
     ckpt_path, log_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "log.jsonl")
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -482,6 +511,7 @@ def prepare_out_dir(resuming, master):
     except OSError as e:
         raise SystemExit(f"error: out_dir={out_dir!r} cannot be written ({type(e).__name__}: {e.strerror}); "
                          "choose another --out_dir") from None
+    hold = hold_out_dir() if master else contextlib.nullcontext()
     if not resuming and os.path.exists(ckpt_path):
         if not overwrite:
             raise SystemExit(f"error: {ckpt_path} exists: continue it with --init_from=resume, choose another "
@@ -491,6 +521,26 @@ def prepare_out_dir(resuming, master):
                 os.remove(f)
         if master:
             checkpoint.remove_stale_shards(ckpt_path)  # with no ckpt.pt left, every shard directory
+    return hold
+
+
+def hold_out_dir():
+    """An exclusive lock on out_dir/train.lock, holding this process's PID: two runs in one
+    out_dir would overwrite each other's checkpoints and interleave their logs. The kernel
+    releases it when the file is closed or the process dies, kill -9 included."""
+    lock = open(os.path.join(out_dir, "train.lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        pid = lock.read().strip() or "unknown"
+        lock.close()
+        raise SystemExit(f"error: out_dir={out_dir!r} is in use by another train.py run (PID {pid}): wait for it "
+                         "to end, or choose another --out_dir") from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
 
 
 def load_data(model_spec):
@@ -538,6 +588,8 @@ class Run:
     accum: int  # micro-steps per step
     step: int  # the step it starts at
     saved: int  # the step of the last good checkpoint, or None
+    saved_at: float  # when a checkpoint was last saved or tried (time.time())
+    hold: object  # the lock on out_dir (process 0), released when closed
 
 
 def setup(ckpt):
@@ -553,10 +605,11 @@ def setup(ckpt):
         log(f"{out_dir}/ckpt.pt is at step {ckpt['step']}, and max_steps={max_steps}: nothing to train. "
             "Raise max_steps to go on.")
         return None
-    prepare_out_dir(ckpt is not None, rank == 0)
+    hold = prepare_out_dir(ckpt is not None, rank == 0)
 
     # the model, its precision and optimizer; compiled on CUDA, wrapped in DDP or sharded (FSDP) under torchrun
     raw_model, lora = build_model(meta, ckpt, source, dev)
+    torch.manual_seed(seed + rank)  # the same init on every process, then each its own draws (LoRA's dropout)
     trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters ({trainable / 1e6:.3f}M trained), {raw_model.cfg}, "
         f"attn={attn}, loss_chunk={loss_chunk}, activation_checkpointing={activation_checkpointing}")
@@ -564,18 +617,26 @@ def setup(ckpt):
     fast_model, train_model = parallelize(raw_model, amp, dev, ddp)
     optimizer = make_optimizer(raw_model, dev)
     if ckpt is not None:
-        checkpoint.restore(ckpt, raw_model, optimizer, scaler, lora)
+        checkpoint.restore(ckpt, raw_model, optimizer, scaler, lora, rank, dev)
+        set_hyperparameters(optimizer)  # the settings' own, where a resume changed them
+    if weight_decay and not optimizer.param_groups[0]["params"]:
+        log(f"note: weight_decay={weight_decay} applies to no weight: Muon's matrices take none, and the embeddings "
+            "only with decay_embeddings=True")
 
     # the data: training shards, the fixed val set, and each token's bytes for bits per byte
     train_data = Shards(directory, "train", micro_batch, block_size, rank, world, seed,
                         total_batch_size // block_size, state=ckpt["data"] if ckpt else None)
+    if train_data.realigned:
+        log(f"data: total_batch_size changed on resume; {train_data.per_step - train_data.realigned} sequences "
+            "skipped to start a whole step")
     val = val_sequences(directory, block_size, eval_tokens // block_size)
     eot = meta["eot_id"]
     log(f"val: {val.size - len(val):,} tokens; gzip -9 on their text: {gzip_bpb(val, enc, eot):.4f} bits per byte")
     base = ckpt.get("base") if ckpt else None if init_from == "scratch" else checkpoint.base_name(init_from)
     return Run(ddp, rank, world, dev, log, raw_model, fast_model, train_model, optimizer, scaler, autocast, base,
                lora, spec, eot, train_data, val, torch.from_numpy(prepare.token_bytes(enc)).to(dev),
-               total_batch_size // (micro_batch * block_size * world), *[ckpt["step"] if ckpt else 0] * 2)
+               total_batch_size // (micro_batch * block_size * world), *[ckpt["step"] if ckpt else 0] * 2,
+               time.time(), hold)
 
 # -----------------------------------------------------------------------------
 # A training step, and evaluation
@@ -666,7 +727,7 @@ def main():
     run = setup(ckpt)
     if run is None:
         return
-    with catch_signals(run.ddp) as stop, open_log(run) as log_file:
+    with run.hold, catch_signals(run.ddp) as stop, open_log(run) as log_file:
         step = loop(run, stop, log_file)
     finish(run, step, stop)
 
@@ -677,20 +738,25 @@ def loop(r, stop, log_file):
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     r.log(f"{r.accum} micro-steps of {micro_batch} x {block_size} tokens per step on {r.world} process(es), "
           f"{r.dev}; settings: {setting_names(globals())}")
+    r.log(f"checkpoints: every {ckpt_interval or eval_interval} steps" +
+          (f" and every {ckpt_minutes:g} minutes (at a log line)" if ckpt_minutes else "") + ", at the end and on a signal")
     step = start = r.step
-    bad_steps, t0, logged = 0, time.time(), step
+    bad_steps, t0, logged, due = 0, time.time(), step, False
     while True:
         last_step = step >= max_steps
-        # once in a while, and at the end: the val loss and bits per byte
-        if (step % eval_interval == 0 or last_step) and not stop["signal"]:
+        # once in a while, and at the end: the val loss and bits per byte (a resumed run's checkpoint's run
+        # evaluated its first step)
+        if (step % eval_interval == 0 or last_step) and not stop["signal"] and (step > start or start == 0):
             r.log(f"step {step}: evaluating on {r.val.size - len(r.val):,} val tokens ...")
             val_loss, val_bpb = evaluate(r.fast_model, r.val, r.n_bytes, r.autocast, r.eot, r.rank, r.world, r.ddp)
             r.log(f"step {step}: val loss {val_loss:.4f}, val bits per byte {val_bpb:.4f}")
             write_log(log_file, {"step": step, "val_loss": val_loss, "val_bpb": val_bpb})
             t0, logged = time.time(), step  # evaluation time is not training time
-        # at every evaluation (or every ckpt_interval steps), at the end and on a signal: a checkpoint
-        if step > start and (step % (ckpt_interval or eval_interval) == 0 or last_step or stop["signal"]):
-            save(r, step, ckpt_path)
+        # at every evaluation (or every ckpt_interval steps), every ckpt_minutes, at the end and on a signal:
+        # a checkpoint
+        if step > start and (step % (ckpt_interval or eval_interval) == 0 or last_step or stop["signal"] or due):
+            save(r, step, ckpt_path, "" if not due else f" ({ckpt_minutes:g} minutes since the last)")
+            due = False
         if last_step or stop["signal"]:
             return step
 
@@ -710,8 +776,9 @@ def loop(r, stop, log_file):
 
         # once in a while: log; under DDP, the processes also agree here on stopping for a signal
         if step % log_interval == 0 or step == max_steps or (stop["signal"] and not r.ddp):
+            due = 0 < ckpt_minutes * 60 <= time.time() - r.saved_at
             if r.ddp:
-                loss = agree(loss, stop, r.world, r.dev)
+                loss, due = agree(loss, stop, r.world, r.dev, due)
             dt, t0, logged = (time.time() - t0) / (step - logged), time.time(), step
             log_step(r, log_file, step, float(loss), lr, float(grad_norm), dt)
             if float(loss) > checkpoint.worst_loss(r.raw_model.cfg):  # diverged: nothing after this is worth a save
@@ -720,19 +787,29 @@ def loop(r, stop, log_file):
                                  f" {last_good(r)}; lower learning_rate (now {learning_rate}) and resume from it")
 
 
-def save(r, step, path):
+def save(r, step, path, why=""):
     """A checkpoint of the run at this step, by process 0 (under FSDP by all: each writes
     its shard), unless the model is not healthy (checkpoint.healthy): the loss these
     weights give on a val batch is the probe."""
-    if r.rank != 0 and parallel != "fsdp":
+    r.saved_at, saving = time.time(), r.rank == 0 or parallel == "fsdp"
+    if saving:
+        with torch.no_grad(), r.autocast:  # the loss these weights give, as a health check
+            probe = torch.from_numpy(r.val[:micro_batch]).to(r.dev)
+            probe_loss = float(r.fast_model(probe[:, :-1], probe[:, 1:])[1])
+    states = [checkpoint.rng_state(r.dev)]  # after the probe, whose dropout (LoRA's) draws from them
+    if r.ddp:  # every process's random state: each draws its own
+        states = [None] * r.world
+        dist.all_gather_object(states, checkpoint.rng_state(r.dev))
+    if not saving:
         return
-    with torch.no_grad(), r.autocast:  # the loss these weights give, as a health check
-        probe = torch.from_numpy(r.val[:micro_batch]).to(r.dev)
-        probe_loss = float(r.fast_model(probe[:, :-1], probe[:, 1:])[1])
-    if checkpoint.save(path, r.raw_model, r.optimizer, r.scaler, step, r.train_data.state(),
-                       setting_names(globals()), r.spec, r.base, r.lora, probe_loss, parallel == "fsdp"):
+    try:
+        saved = checkpoint.save(path, r.raw_model, r.optimizer, r.scaler, step, r.train_data.state(), states,
+                                setting_names(globals()), r.spec, r.base, r.lora, probe_loss, parallel == "fsdp")
+    except checkpoint.WriteError as e:
+        raise SystemExit(f"error: step {step}: {e}. {last_good(r)}") from None
+    if saved:
         r.saved = step
-        r.log(f"step {step}: saved {path}")
+        r.log(f"step {step}: saved {path}{why}")
     else:
         r.log(f"step {step}: NOT saved: a weight is not finite, or the val loss is {probe_loss:.4g}, not finite "
               f"or worse than guessing (above {checkpoint.worst_loss(r.raw_model.cfg):.2f}). {last_good(r)}")
@@ -796,15 +873,16 @@ def finish(r, step, stop):
     r.log(f"done: {step} steps; the checkpoint is {os.path.join(out_dir, 'ckpt.pt')}")
 
 
-def agree(loss, stop, world, dev):
+def agree(loss, stop, world, dev, due):
     """Under torchrun, at a log line: the mean loss over the processes; and the signal that
-    any of them received becomes stop["signal"] on all, so that they stop, and save, at
-    the same step (under FSDP saving takes all of them)."""
-    mean, received = torch.tensor(loss.item() / world, device=dev), torch.tensor(stop["received"] or 0, device=dev)
+    any of them received becomes stop["signal"] on all, as a checkpoint any of them finds
+    due (ckpt_minutes) becomes due on all, so that they save and stop at the same step
+    (gathering the random states is collective, and under FSDP so is saving)."""
+    mean, flags = torch.tensor(loss.item() / world, device=dev), torch.tensor([stop["received"] or 0, due], device=dev)
     dist.all_reduce(mean)
-    dist.all_reduce(received, op=dist.ReduceOp.MAX)
-    stop["signal"] = int(received) or None
-    return mean
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    stop["signal"] = int(flags[0]) or None
+    return mean, bool(flags[1])
 
 
 def write_log(log_file, row):

@@ -79,13 +79,7 @@ def configure(settings, argv=None, others=()):
     updates = []  # (key, value, where it came from)
     if argv and not argv[0].startswith("-"):
         path, argv = argv[0], argv[1:]
-        if not os.path.isfile(path):
-            raise SystemExit(f"error: config file {path} not found")
-        scope = {"__file__": path}
-        try:
-            exec(compile(open(path).read(), path, "exec"), scope)
-        except Exception as e:
-            raise SystemExit(f"error: config file {path} failed: {type(e).__name__}: {e}") from None
+        scope = run_config(path)
         # its imports, functions and UPPERCASE helpers are not settings
         updates += [(k, v, path) for k, v in setting_names(scope).items()
                     if k in keys or not (others is True or k in others)]
@@ -109,6 +103,41 @@ def configure(settings, argv=None, others=()):
             _unknown(key, keys, where)
         settings[key] = _typed(key, value, keys[key], where)
     return {k: settings[k] for k, _, _ in updates}
+
+
+def run_config(path):
+    """A config file's globals, once it has run. It must be Python (.py): a YAML-like line,
+    `n_layer: 2`, is valid Python that sets nothing, so it is an error here."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: config file {path} not found")
+    if not path.endswith(".py"):
+        raise SystemExit(f"error: config file {path}: config files are Python, named .py (n_layer = 2, one a line)")
+    source = open(path, encoding="utf-8").read()
+    try:
+        tree = ast.parse(source, path)
+    except SyntaxError as e:
+        raise SystemExit(f"error: config file {path} failed: SyntaxError: {e}") from None
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign) and node.value is None:
+            name = ast.unparse(node.target)
+            raise SystemExit(f"error: config file {path}, line {node.lineno}: `{name}: {ast.unparse(node.annotation)}` "
+                             f"sets nothing (Python reads it as a type annotation); write {name} = ...")
+    scope = {"__file__": path}
+    try:
+        exec(compile(tree, path, "exec"), scope)
+    except Exception as e:
+        raise SystemExit(f"error: config file {path} failed: {type(e).__name__}: {e}") from None
+    return scope
+
+
+def settings_in(script):
+    """The settings that a script beside this folder declares, read from its source without
+    running it: its module-level lowercase assignments. For a config file shared by
+    scripts: a key that no script has is a typo."""
+    tree = ast.parse(open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), script),
+                          encoding="utf-8").read())
+    return {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets
+            if isinstance(t, ast.Name) and t.id.islower() and not t.id.startswith("_")}
 
 
 def _unknown(key, keys, where):
