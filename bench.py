@@ -715,7 +715,7 @@ def val_bpb(ckpt_path, data_dir):
     block = ckpt["settings"]["block_size"]
     val = train.val_sequences(data_dir, block, ckpt["settings"]["eval_tokens"] // block)
     n_bytes = torch.from_numpy(prepare.token_bytes(enc))
-    return train.evaluate(m, val, n_bytes, contextlib.nullcontext(), meta["eot_id"], 0, 1, False)[1]
+    return train.evaluate(m, val, n_bytes, contextlib.nullcontext(), None, 0, 1, False)[1]
 
 
 # the quickstart as it was when the study ran (README): its settings since changed

@@ -2020,8 +2020,7 @@ def test_train_bits_per_byte_by_hand(tiny_data, monkeypatch):
     assert val.shape == (3, 33) and (val[0] == prepare.read_shard(directory / "val_000000.bin")[:33]).all()
     m = tiny("gpt2", vocab_size=300, block_size=32)
     monkeypatch.setattr(train_py, "micro_batch", 2)
-    monkeypatch.setattr(train_py, "doc_mask", False)
-    loss, bpb = train_py.evaluate(m, val, torch.from_numpy(n_bytes), contextlib.nullcontext(), eot, 0, 1, False)
+    loss, bpb = train_py.evaluate(m, val, torch.from_numpy(n_bytes), contextlib.nullcontext(), None, 0, 1, False)
     x, y = torch.from_numpy(val[:, :-1]), torch.from_numpy(val[:, 1:])
     with torch.no_grad():
         logp = torch.log_softmax(m(x, all_logits=True)[0].double(), -1)
@@ -2062,7 +2061,47 @@ def val_loss(m, directory, eval_tokens):
     meta, enc = prepare.load_meta(directory)
     val = train_py.val_sequences(directory, 32, eval_tokens // 32)  # TINY's block_size
     n_bytes = torch.from_numpy(prepare.token_bytes(enc))
-    return train_py.evaluate(m, val, n_bytes, contextlib.nullcontext(), meta["eot_id"], 0, 1, False)[0]
+    return train_py.evaluate(m, val, n_bytes, contextlib.nullcontext(), None, 0, 1, False)[0]
+
+
+def test_train_document_masking_and_bf16_on_cpu(tiny_data, tmp_path):
+    # doc_mask=True: each document attends only to itself. The run's val loss is what its
+    # model gives every document of every val sequence run alone, computed here in fp64;
+    # on short documents (lines of code, 3 to 30 words), several to a sequence
+    rng, words = random.Random(8), open(bpe.__file__).read().split()
+    (tmp_path / "short").mkdir()
+    for i in range(300):
+        (tmp_path / "short" / f"{i:03d}.txt").write_text(" ".join(rng.choices(words, k=rng.randint(3, 30))))
+    run = script("prepare.py", f"--dataset={tmp_path / 'short'}", f"--tokenizer={tiny_data / 'stdlib'}", "--workers=1",
+                 "--val_fraction=0.3", "--decontaminate=none", f"--data_dir={tmp_path / 'data'}")
+    assert run.returncode == 0, run.stderr
+    run, logs = train(tmp_path / "data", tmp_path / "docs", "--dataset=short", "--max_steps=4", "--eval_interval=4",
+                      "--doc_mask")
+    assert run.returncode == 0, run.stderr
+    import train as train_py
+    m = checkpoint.load_model(str(tmp_path / "docs"))[0].eval().double()
+    eot = prepare.load_meta(tmp_path / "data" / "short")[0]["eot_id"]
+    val = train_py.val_sequences(tmp_path / "data" / "short", 32, 1024 // 32)
+    assert (val[:, 1:-1] == eot).sum() >= 5  # documents start within sequences
+    nats = count = 0
+    for seq in torch.from_numpy(val):
+        x, y = seq[:-1], seq[1:]
+        cuts = [0] + [i for i in range(1, 32) if x[i] == eot] + [32]  # where documents start
+        for a, b in zip(cuts, cuts[1:]):
+            with torch.no_grad():
+                logits = m(x[None, a:b], all_logits=True)[0][0]
+            nats += float(F.cross_entropy(logits, y[a:b], reduction="sum"))
+            count += b - a
+    assert logs[-1]["val_loss"] == pytest.approx(nats / count, rel=1e-5)
+    # bf16 autocast on a CPU: the same run within bf16's precision, and a checkpoint in fp32
+    run, plain = train(tiny_data, tmp_path / "fp32", "--max_steps=4", "--eval_interval=4", "--log_interval=1")
+    run, bf16 = train(tiny_data, tmp_path / "bf16", "--max_steps=4", "--eval_interval=4", "--log_interval=1",
+                      "--dtype=bf16")
+    assert run.returncode == 0 and "torch.bfloat16" in run.stdout, run.stderr
+    for a, b in zip(plain, bf16):
+        assert a["step"] == b["step"] and abs(a.get("loss", a.get("val_loss")) - b.get("loss", b.get("val_loss"))) < 0.05
+    assert {t.dtype for t in checkpoint.load_checkpoint(str(tmp_path / "bf16" / "ckpt.pt"))["model"].values()} == \
+        {torch.float32}
 
 
 def test_train_shards_end_alike_on_any_number_of_processes(tiny_data):
@@ -2262,7 +2301,7 @@ m = model.GPT(model.GPTConfig(vocab_size=64, block_size=8, n_layer=2, n_head=2, 
 _, train_model = train.parallelize(m, torch.float32, dev, ddp)
 with Count() as count:
     train.train_step(train_model, m, train.make_optimizer(m, dev), torch.amp.GradScaler("cpu", enabled=False),
-                     Data(), 3, contextlib.nullcontext(), dev, 0)
+                     Data(), 3, contextlib.nullcontext(), dev, None)
 print("reduce-scatters:", sum(n for op, n in count.ops.items() if "reduce_scatter" in op))
 """)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -614,6 +614,7 @@ def setup(ckpt):
     log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters ({trainable / 1e6:.3f}M trained), {raw_model.cfg}, "
         f"attn={attn}, loss_chunk={loss_chunk}, activation_checkpointing={activation_checkpointing}")
     amp, autocast, scaler = mixed_precision(dev)
+    log(f"compute: {amp} on {dev}" + (" (autocast)" if amp != torch.float32 else ""))
     fast_model, train_model = parallelize(raw_model, amp, dev, ddp)
     optimizer = make_optimizer(raw_model, dev)
     if ckpt is not None:
@@ -654,16 +655,17 @@ def grad_sync(train_model, on):
     return contextlib.nullcontext()
 
 
-def train_step(train_model, raw_model, optimizer, scaler, data, accum, autocast, dev, eot):
+def train_step(train_model, raw_model, optimizer, scaler, data, accum, autocast, dev, doc_eot):
     """One step: gradients accumulated over `accum` micro-batches, clipped, then one update,
-    skipped when the gradient is not finite. Returns the step's mean loss (a tensor, so
-    that the GPU need not wait for it), the gradient norm, and whether it updated."""
+    skipped when the gradient is not finite. doc_eot: the end-of-text id where documents
+    are kept apart (doc_mask), else None. Returns the step's mean loss (a tensor, so that
+    the GPU need not wait for it), the gradient norm, and whether it updated."""
     loss_sum = torch.zeros((), device=dev)
     for micro in range(accum):
         x, y = data.next()
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         with grad_sync(train_model, micro == accum - 1), autocast:
-            _, loss = train_model(x, y, doc_starts=(x == eot) if doc_mask else None)
+            _, loss = train_model(x, y, doc_starts=(x == doc_eot) if doc_eot is not None else None)
             loss = loss / accum  # so the step's gradient is the mean over all its micro-batches
         scaler.scale(loss).backward()
         loss_sum += loss.detach()
@@ -680,7 +682,7 @@ def train_step(train_model, raw_model, optimizer, scaler, data, accum, autocast,
 
 
 @torch.no_grad()
-def evaluate(m, val, n_bytes, autocast, eot, rank, world, ddp):
+def evaluate(m, val, n_bytes, autocast, doc_eot, rank, world, ddp):
     """Mean val loss and bits per byte over the fixed val set, split across processes:
     process `rank` takes every world-th sequence. m must not be DDP-wrapped: DDP would
     sync on a forward that not all processes run. Under FSDP every forward gathers weights
@@ -694,7 +696,7 @@ def evaluate(m, val, n_bytes, autocast, eot, rank, world, ddp):
         batch = mine[i:i + micro_batch] if i < len(mine) else torch.from_numpy(val[:1])
         x, y = batch[:, :-1].to(dev), batch[:, 1:].to(dev)
         with autocast:
-            _, loss = m(x, y, doc_starts=(x == eot) if doc_mask else None)
+            _, loss = m(x, y, doc_starts=(x == doc_eot) if doc_eot is not None else None)
         if i < len(mine):  # not the extra batch, which only keeps the processes in step
             total += torch.stack([loss.double() * y.numel(), torch.tensor(float(y.numel()), device=dev),
                                   n_bytes[y].sum().double()])
@@ -748,7 +750,8 @@ def loop(r, stop, log_file):
         # evaluated its first step)
         if (step % eval_interval == 0 or last_step) and not stop["signal"] and (step > start or start == 0):
             r.log(f"step {step}: evaluating on {r.val.size - len(r.val):,} val tokens ...")
-            val_loss, val_bpb = evaluate(r.fast_model, r.val, r.n_bytes, r.autocast, r.eot, r.rank, r.world, r.ddp)
+            val_loss, val_bpb = evaluate(r.fast_model, r.val, r.n_bytes, r.autocast, r.eot if doc_mask else None, r.rank,
+                                         r.world, r.ddp)
             r.log(f"step {step}: val loss {val_loss:.4f}, val bits per byte {val_bpb:.4f}")
             write_log(log_file, {"step": step, "val_loss": val_loss, "val_bpb": val_bpb})
             t0, logged = time.time(), step  # evaluation time is not training time
@@ -765,7 +768,7 @@ def loop(r, stop, log_file):
         for group in r.optimizer.param_groups:  # Muon's matrices on the same schedule, from muon_lr
             group["lr"] = lr * muon_lr / learning_rate if group.get("muon") else lr
         loss, grad_norm, ok = train_step(r.train_model, r.raw_model, r.optimizer, r.scaler, r.train_data, r.accum,
-                                         r.autocast, r.dev, r.eot)
+                                         r.autocast, r.dev, r.eot if doc_mask else None)
         bad_steps = 0 if ok else bad_steps + 1
         if not ok:
             r.log(f"step {step}: the gradient is not finite (loss {loss.item()}); update skipped")
