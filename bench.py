@@ -4,6 +4,7 @@ bench.py: every benchmark of the project, printed as markdown tables.
     python bench.py              # every section
     python bench.py tokenizer    # just one
     python bench.py --tiny       # every section at toy sizes, in seconds: that it runs (the tests do this)
+    python bench.py gpu --out=DIR    # the GPU pass: CUDA tests, attention, training, sampling; a report in DIR
 
 Each section times our code and a reference in the same run, on the same machine,
 and prints the ratio. Numbers go into README.md with the date, device and versions.
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 import numpy as np
 import torch
@@ -634,26 +636,29 @@ def bench_memory(tiny=False):
 # sample: generation with the KV cache against recomputing the whole context every step
 
 
-def bench_sample(tiny=False):
+def bench_sample(tiny=False, gpt2=False, batches=(1,)):
+    """Tokens/s of generation with the KV cache against recomputing the whole context every
+    step, for the quickstart's model (gpt2=False) or GPT-2 124M's shapes, at each batch size."""
     import model
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    new_tokens = 16 if tiny else 512
-    cfg, name = quickstart(**(dict(n_layer=1, n_embd=32, n_head=2, n_kv_head=2, mlp_hidden=128, block_size=32)
-                              if tiny else {}))
-    shapes = [(f"the quickstart's: {name}, block {cfg.block_size}", cfg)]
-    if device == "cuda" and not tiny:
-        shapes.append(("GPT-2 124M, block 1024", model.GPTConfig(vocab_size=50257, block_size=1024, n_layer=12,
-                                                                  n_head=12, n_embd=768)))
-    header(f"Sampling {new_tokens} new tokens, batch 1, {device}", {"torch": torch.__version__})
-    print("| model | KV cache | no cache (nanoGPT-style) | speedup |")
-    print("|---|---:|---:|---:|")
-    for name, cfg in shapes:
-        note(f"sample: {name}, {new_tokens} tokens with and without the cache, alternating, best of 4")
-        torch.manual_seed(0)
-        m = model.GPT(cfg).to(device).eval()
-        if device == "cuda":
-            m = m.to(torch.bfloat16)
-        idx = torch.zeros(1, 1, dtype=torch.long, device=device)
+    new_tokens = 16 if tiny else 128 if gpt2 else 512
+    if tiny:
+        cfg = model.GPTConfig(vocab_size=300, block_size=32, n_layer=1, n_head=2, n_embd=32)
+        name = "tiny: 1 layer, 32 wide"
+    elif gpt2:
+        cfg, name = model.GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768), "GPT-2 124M"
+    else:
+        cfg, name = quickstart()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    header(f"Sampling {new_tokens} new tokens, {device}, {str(dtype)[6:]}: {name}, block {cfg.block_size}",
+           {"torch": torch.__version__})
+    print("| batch | KV cache | no cache (nanoGPT-style) | speedup |")
+    print("|---:|---:|---:|---:|")
+    torch.manual_seed(0)
+    m = model.GPT(cfg).to(device, dtype).eval()
+    for batch in batches:
+        note(f"sample: {name}, batch {batch}, {new_tokens} tokens with and without the cache, alternating")
+        idx = torch.zeros(batch, 1, dtype=torch.long, device=device)
 
         def no_cache():  # the whole (cropped) context again at every step
             seq = idx
@@ -669,9 +674,139 @@ def bench_sample(tiny=False):
                 torch.cuda.synchronize()
 
         t_cache, t_plain = best_of(lambda: sync(lambda: m.generate(idx, new_tokens)), lambda: sync(no_cache),
-                                   repeat=1 if tiny else 4)
-        print(f"| {name} | {new_tokens / t_cache:.0f} tok/s | {new_tokens / t_plain:.0f} tok/s | "
-              f"**{t_plain / t_cache:.1f}x** |")
+                                   repeat=1 if tiny else 2 if gpt2 else 4)
+        n = batch * new_tokens
+        print(f"| {batch} | {n / t_cache:,.0f} tok/s | {n / t_plain:,.0f} tok/s | **{t_plain / t_cache:.1f}x** |")
+
+
+# -----------------------------------------------------------------------------
+# gpu: the GPU pass in one command, `python bench.py gpu --out=DIR`: the CUDA tests, then
+# attention, GPT-2 124M's training steps and sampling, a report written section by section
+
+
+class Tee(io.TextIOBase):
+    """A stream that writes to several: the screen, and a section's text for the report."""
+
+    def __init__(self, *streams):
+        super().__init__()
+        self.streams = streams
+
+    def write(self, text):
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self):
+        for stream in self.streams:
+            stream.flush()
+
+
+def bench_gpu(tiny=False, out="gpu_report"):
+    """Runs the GPU pass's sections in order, each printed as it finishes and added to
+    out/report.md with its time, its raw text in out/<section>.md: a run cut short keeps what
+    it measured, and a section that fails records its error (out/<section>.error.txt) and
+    the next one runs. Planned for about 8 minutes on an H100 (the times per section are in
+    the report, to plan the next run by): the CUDA tests ~1.5 (mostly compiling kernels),
+    attention ~2.5, training ~3 (four models compiled), sampling ~0.5."""
+    os.makedirs(out, exist_ok=True)
+    report = os.path.join(out, "report.md")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"no GPU: {cpu_name()} (a dry run)"
+    with open(report, "w") as f:
+        f.write(f"# The GPU pass, {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n{device}, Python "
+                f"{platform.python_version()}, torch {torch.__version__}; `python bench.py gpu"
+                f"{' --tiny' if tiny else ''}`\n")
+    for name, fn in [("tests", gpu_tests), ("attention", bench_attention), ("training", gpu_training),
+                     ("sampling", lambda tiny: bench_sample(tiny, gpt2=True, batches=(1, 16)))]:
+        note(f"gpu: {name}")
+        text, t0, status = io.StringIO(), time.time(), "done"
+        try:
+            with contextlib.redirect_stdout(Tee(sys.stdout, text)):
+                fn(tiny=tiny, **({"out": out} if name == "tests" else {}))
+        except Exception:
+            status = "FAILED"
+            error = traceback.format_exc()
+            print(error, file=sys.stderr)
+            with open(os.path.join(out, f"{name}.error.txt"), "w") as f:
+                f.write(error)
+            text.write(f"\n```\n{error[-3000:]}```\n")
+        with open(os.path.join(out, f"{name}.md"), "w") as f:
+            f.write(text.getvalue())
+        with open(report, "a") as f:
+            f.write(f"\n## {name}: {status} in {time.time() - t0:.0f} s\n{text.getvalue()}")
+    print(f"\nbench: the report is {report}")
+
+
+def gpu_tests(tiny=False, out="."):
+    """The tests that need CUDA (test_all.py's, named *cuda*: flash.py at large sizes in
+    bf16 and fp16, the model's bf16 logits, torch.compile over flash.py), their log in out/."""
+    log = os.path.join(out, "tests.log")
+    code, _ = run_script(["-m", "pytest", "-q", "-rs", "--tb=short", "-k", "cuda", "-p", "no:cacheprovider",
+                          "test_all.py"], log)
+    lines = open(log).read().splitlines()
+    header("The CUDA tests (`pytest -k cuda test_all.py`)", {"torch": torch.__version__})
+    print("```\n" + "\n".join([line for line in lines if line.startswith(("FAILED", "ERROR", "SKIPPED"))][:30] +
+                                lines[-1:]) + "\n```")
+    if code not in (0, 5):  # 5: none collected
+        raise RuntimeError(f"the CUDA tests failed (exit code {code}): see {log}")
+
+
+def gpu_training(tiny=False):
+    """GPT-2 124M's training steps with synthetic tokens: train.py's train_step (its
+    accumulation, clipping and update) on the compiled model, bf16 autocast, 16 x 1024
+    tokens a step, AdamW; flash.py against SDPA, documents kept apart (doc_mask, a document
+    every 512 tokens on average) or not. Tokens/s and MFU over 10 steps, after 3 to compile
+    and warm up."""
+    import model
+    import train
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    cfg = model.GPTConfig(vocab_size=300, block_size=32, n_layer=1, n_head=2, n_embd=32) if tiny else \
+        model.GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
+    batch, steps, eot = (2, 2, 0) if tiny else (16, 10, 50256)
+
+    class Tokens:  # random tokens, an end-of-text among them every 512 on average
+        def next(self):
+            x = torch.randint(1, cfg.vocab_size, (batch, cfg.block_size + 1))
+            x[torch.rand(x.shape) < 1 / 512] = eot
+            return x[:, :-1], x[:, 1:]
+
+    header(f"Training steps, {dev}, {'bf16' if cuda else 'fp32'}: {cfg.n_layer} layers, {cfg.n_embd} wide, "
+           f"vocab {cfg.vocab_size}, {batch} x {cfg.block_size} tokens a step", {"torch": torch.__version__})
+    print("| attention | documents kept apart | tokens/s | MFU | compile + warm-up | peak memory |")
+    print("|---|---|---:|---:|---:|---:|")
+    peak = train.peak_flops(dev)
+    for attn in ("flash", "sdpa"):
+        for doc_mask in (False, True):
+            note(f"gpu: training, attention {attn}, doc_mask {doc_mask}")
+            torch.manual_seed(0)
+            m = model.GPT(cfg).to(dev)
+            m.attn, m.loss_chunk = attn, 1024
+            fast = torch.compile(m) if cuda else m
+            opt = torch.optim.AdamW(m.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda)
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+            scaler, data = torch.amp.GradScaler(dev.type, enabled=False), Tokens()
+
+            def step():
+                train.train_step(fast, m, opt, scaler, data, 1, autocast, dev, eot if doc_mask else None)
+                if cuda:
+                    torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(1 if tiny else 3):
+                step()
+            warm = time.perf_counter() - t0
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            tps = batch * cfg.block_size * steps / (time.perf_counter() - t0)
+            mfu = m.flops_per_token(cfg.block_size) * tps / peak if peak else None
+            memory = f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GB" if cuda else "n/a"
+            print(f"| {attn} | {'yes' if doc_mask else 'no'} | {tps:,.0f} | {f'{mfu:.1%}' if mfu else 'n/a'} | "
+                  f"{warm:.0f} s | {memory} |")
+            m = fast = opt = None  # freed before the next model
+            if cuda:
+                torch.cuda.empty_cache()
 
 
 # -----------------------------------------------------------------------------
@@ -700,8 +835,9 @@ def lora_domains(root):
 
 def run_script(args, log):
     """Runs a script to the end; its exit code and its peak memory (max RSS, MB)."""
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, *args], stdout=out, stderr=subprocess.STDOUT)
+    with open(log, "w") as out:  # from the repository, where the scripts and their relative paths are
+        proc = subprocess.Popen([sys.executable, *args], stdout=out, stderr=subprocess.STDOUT,
+                                cwd=os.path.dirname(os.path.abspath(__file__)))
         _, status, usage = os.wait4(proc.pid, 0)
     return os.waitstatus_to_exitcode(status), usage.ru_maxrss / 1024
 
@@ -844,27 +980,33 @@ def bench_fsdp(tiny=False, data_dir=None):
 SECTIONS = {"tokenizer": bench_tokenizer, "prepare": bench_prepare, "train": bench_train, "model": bench_model,
             "attention": bench_attention, "kernels": bench_kernels, "sample": bench_sample,
             "memory": bench_memory, "fsdp": bench_fsdp}  # train first: its subprocess wants idle cores
-STUDIES = {"lora": bench_lora}  # longer experiments, run only when named: python bench.py lora
+STUDIES = {"lora": bench_lora, "gpu": bench_gpu}  # run only when named: python bench.py lora
 NEEDS_DATA = ("train", "fsdp")  # sections that train on a prepared dataset: --data_dir (the quickstart's data/)
 
 
 def main(argv):
-    """python bench.py [--tiny] [--data_dir=DIR] [section ...]"""
-    tiny, data_dir, names = False, "data", []
+    """python bench.py [--tiny] [--data_dir=DIR] [--out=DIR] [section ...]"""
+    tiny, data_dir, out, names = False, "data", "gpu_report", []
+    if "--tiny" in argv and not torch.cuda.is_available():  # flash.py through triton's interpreter, on a CPU
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     for arg in argv:
         if arg == "--tiny":
             tiny = True
         elif arg.startswith("--data_dir="):
             data_dir = arg.split("=", 1)[1]
+        elif arg.startswith("--out="):
+            out = arg.split("=", 1)[1]
         elif arg in SECTIONS or arg in STUDIES:
             names.append(arg)
         else:
-            sys.exit(f"bench.py: unknown section or flag {arg!r}; choose from --tiny, --data_dir=DIR, "
+            sys.exit(f"bench.py: unknown section or flag {arg!r}; choose from --tiny, --data_dir=DIR, --out=DIR, "
                      f"{', '.join(SECTIONS | STUDIES)}")
     for name in names or list(SECTIONS):
         kwargs = {"data_dir": data_dir} if name in NEEDS_DATA else {}
         if name == "lora" and tiny:
             kwargs["root"] = tempfile.mkdtemp(prefix="lora_study_")
+        if name == "gpu":
+            kwargs["out"] = out
         (SECTIONS | STUDIES)[name](tiny=tiny, **kwargs)
 
 

@@ -1716,6 +1716,38 @@ def test_model_speedrun_options():
         assert extra.skip_weights.grad.abs().min() > 0 and extra.value_embeds[-1].weight.grad.abs().sum() > 0
 
 
+@needs_cuda
+def test_model_cuda_bf16_logits_against_fp32():
+    # GPT-2's shapes (4 of its layers) under bf16 autocast, with flash.py and with SDPA: the
+    # fp32 logits within bf16's precision, and nearly always the same most likely token
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=50257, block_size=1024, n_layer=4, n_head=12, n_embd=768)).cuda().eval()
+    idx = torch.randint(0, 50257, (4, 1024), device="cuda")
+    with torch.no_grad():
+        m.attn = "sdpa"
+        ref = m(idx, all_logits=True)[0]
+        for attn in ("flash", "sdpa"):
+            m.attn = attn
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                got = m(idx, all_logits=True)[0].float()
+            assert (got - ref).abs().mean() <= 0.02 * ref.abs().mean(), attn
+            assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9, attn
+
+
+@needs_cuda
+def test_model_cuda_compile_over_flash():
+    # torch.compile over the flash path (its autograd.Function around the Triton kernels):
+    # eager's loss and gradients, plain and with packed documents
+    m = tiny("llama").cuda().train()
+    m.attn = "flash"
+    idx, targets = torch.randint(0, 1000, (2, 64), device="cuda"), torch.randint(0, 1000, (2, 64), device="cuda")
+    for starts in (None, torch.rand(2, 64, device="cuda") < 0.1):
+        loss, grads = loss_and_grads(m, idx, targets, starts)
+        got_loss, got = loss_and_grads(torch.compile(m), idx, targets, starts)
+        assert abs(got_loss - loss) <= 1e-5 * loss
+        assert_close(got, grads, 1e-4)
+
+
 def test_model_runs_without_triton():
     code = ("import sys, torch, model; m = model.GPT(model.GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=100, "
             "block_size=16)); m.generate(torch.zeros(1, 3, dtype=torch.long), 5); "
@@ -3177,6 +3209,29 @@ def test_hf_export_of_any_model_of_ours(tiny_data, tmp_path):
 
 # -----------------------------------------------------------------------------
 # bench.py
+
+
+def test_bench_gpu_pass_dry_run(tmp_path):
+    # `python bench.py gpu`, the GPU pass, at toy sizes on a CPU: every section runs (the
+    # CUDA tests skip), each is written to the report with its time, and a section that
+    # fails is recorded and does not stop the next
+    run = script("bench.py", "gpu", "--tiny", f"--out={tmp_path}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = (tmp_path / "report.md").read_text()
+    for section in ("tests", "attention", "training", "sampling"):
+        assert re.search(rf"## {section}: done in \d+ s", report), (section, report)
+        assert (tmp_path / f"{section}.md").exists()
+    assert "| flash | yes |" in report and "| 16 |" in report and "skipped" in (tmp_path / "tests.log").read_text()
+    import bench
+
+    def broken(tiny=False):
+        raise RuntimeError("a section that fails")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bench, "gpu_training", broken)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            bench.bench_gpu(tiny=True, out=str(tmp_path / "again"))
+    report = (tmp_path / "again" / "report.md").read_text()
+    assert "## training: FAILED" in report and "a section that fails" in report and "## sampling: done" in report
 
 
 @pytest.mark.parametrize("section", ["tokenizer", "prepare", "train", "model", "attention", "sample", "memory",
