@@ -389,9 +389,10 @@ def export(path, out, dtype="fp32", license="", overwrite=False):
     facts = {"name": os.path.basename(os.path.dirname(os.path.abspath(path))), "dataset": s["dataset"],
              "tokenizer": ckpt["tokenizer"]["name"], "steps": ckpt["step"],
              "tokens": ckpt["step"] * s["total_batch_size"], "learning_rate": s["learning_rate"],
-             "schedule": s["schedule"], "base": base, "method": method, "license": license,
-             "val": ([r for r in read_log(os.path.join(os.path.dirname(path), "log.jsonl")) if "val_bpb" in r]
-                     or [None])[-1]}
+             "schedule": s["schedule"], "base": base, "method": method, "license": license}
+    log = read_log(os.path.join(os.path.dirname(path), "log.jsonl"))
+    facts["val"] = ([r for r in log if "val_bpb" in r] or [None])[-1]
+    facts["evals"] = ([r for r in log if any(k == "core" or k.endswith("_acc_norm") for k in r)] or [None])[-1]
     return hf.export(m, out, ckpt["tokenizer"]["name"], ckpt["tokenizer"]["files"], facts, dtype, overwrite)
 
 

@@ -446,7 +446,8 @@ def model_card(m, arch, route, facts):
     """README.md for the Hub: what the model is, how it was made (from scratch, or from
     which base and how), how well it did, how to load it, and its license. facts: name,
     dataset, tokenizer, steps, tokens, learning_rate, schedule, base (or None), method,
-    val (a log.jsonl row with val_bpb, or None), license (or "")."""
+    val (a log.jsonl row with val_bpb, or None), evals (a row of evals.py's scores, or
+    None), license (or "")."""
     f, cfg = facts, m.cfg
     remote = route != "class"
     front = ["library_name: transformers", "pipeline_tag: text-generation"]
@@ -456,6 +457,9 @@ def model_card(m, arch, route, facts):
     load = "AutoModelForCausalLM.from_pretrained(\"PATH_OR_REPO\"" + (", trust_remote_code=True)" if remote else ")")
     val = (f"{f['val']['val_bpb']:.4f} bits per byte, loss {f['val']['val_loss']:.4f} (step {f['val']['step']})"
            if f["val"] else "no log.jsonl was found beside the checkpoint")
+    scores = f.get("evals") or {}
+    evals = ", ".join(f"{k.replace('_acc_norm', '')} {v:.4f}" for k, v in scores.items()
+                      if k == "core" or k.endswith("_acc_norm"))
     return f"""---
 {chr(10).join(front)}
 ---
@@ -469,7 +473,7 @@ A {m.num_params() / 1e6:.1f}M-parameter GPT ({cfg.n_layer} layers, {cfg.n_embd} 
            f"our model.py with a wrapper, modeling_gpt.py (load with trust_remote_code=True), because {route}"}
 - data: `{f['dataset']}`, tokenizer `{f['tokenizer']}` ({cfg.vocab_size} tokens)
 - training: {f['steps']} steps, {f['tokens']:,} tokens, learning rate {f['learning_rate']} ({f['schedule']})
-- validation: {val}
+- validation: {val}{f"{chr(10)}- evals (evals.py; HellaSwag acc_norm, CORE): {evals} (step {scores['step']})" if evals else ""}
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -51,6 +51,7 @@ decontaminate = ""  # evaluation sets, comma-separated: "val" (this dataset's), 
 #   files or folders; "none"; "" = the dataset's default (eval_sets)
 ngram = 8  # tokens per n-gram
 overlap = 0.5  # a document is dropped when it covers more than this share of an example's tokens with n-grams
+evals = ""  # evaluation sets to download and convert too, comma-separated: hellaswag, core (EVALS; evals.py)
 
 # -----------------------------------------------------------------------------
 # The datasets: where each one's text or shards come from, and its default tokenizer
@@ -178,6 +179,14 @@ def looks_like(part, path):
     page = " but an HTML page (a captive portal, or an error page?)" if html else ""
     if path.endswith(".gz"):
         return None if head[:2] == b"\x1f\x8b" else "it is not gzip data" + page
+    if path.endswith(".zip"):
+        return None if head[:4] == b"PK\x03\x04" else "it is not a zip file" + page
+    if path.endswith(".jsonl"):
+        try:
+            json.loads(head.split(b"\n", 1)[0])
+            return None
+        except ValueError:
+            return "it is not JSON lines" + page
     if path.endswith(".json"):
         try:
             json.loads(open(part, "rb").read())
@@ -244,6 +253,86 @@ def pretrained_dir(name_or_dir, files):
     for file in files:
         download(f"{HF}/{repo}/resolve/main/{file}", os.path.join(directory, file))
     return directory
+
+
+# Evaluation sets (evals.py scores models on them): downloaded as their authors publish
+# them, then converted to evals.py's format in data/evals/<name>/. GitHub and S3 frame
+# their answers (Content-Length), which the download checks, and so does the conversion
+EVALS = {"hellaswag": "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl",
+         "core": "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"}  # DCLM's, as nanochat's
+CORE_KINDS = {"multiple_choice": "choice", "schema": "schema", "language_modeling": "lm"}
+
+
+def prepare_evals(names, directory):
+    """Downloads and converts each named evaluation set that is not there yet: tasks.json
+    and a JSONL file per task in directory/evals/<name>/ (tasks.json last)."""
+    for name in names:
+        out = os.path.join(directory, "evals", name)
+        if os.path.exists(os.path.join(out, "tasks.json")):
+            continue
+        raw = download(EVALS[name], os.path.join(directory, "evals", "raw", EVALS[name].rsplit("/", 1)[-1]))
+        os.makedirs(out, exist_ok=True)
+        tasks = convert_hellaswag(raw, out) if name == "hellaswag" else convert_core(raw, out)
+        with atomic_write(os.path.join(out, "tasks.json")) as f:
+            json.dump(tasks, f, indent=1)
+        print(f"prepared {name}: {len(tasks)} task(s) in {out}/")
+
+
+def write_items(path, items):
+    with atomic_write(path) as f:
+        f.writelines(json.dumps(item, ensure_ascii=False) + "\n" for item in items)
+
+
+def convert_hellaswag(raw, out):
+    """HellaSwag's val file, one context and 4 endings a line, as choice items; scored as
+    llm.c scores it: each ending after the context and a space, no end-of-text first."""
+    items = []
+    for n, line in enumerate(_lines(raw), 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+            if row is not None:
+                items.append({"context": row["ctx"], "choices": list(row["endings"]), "gold": int(row["label"])})
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{raw}, line {n}: not a HellaSwag item ({type(e).__name__}: {e}); delete it and run "
+                             "again to download it anew") from None
+    write_items(os.path.join(out, "hellaswag.jsonl"), items)
+    return {"hellaswag": {"kind": "choice", "fewshot": 0, "delimiter": " ", "random": 25.0, "bos": False,
+                          "file": "hellaswag.jsonl"}}
+
+
+def convert_core(raw, out):
+    """DCLM's eval bundle (a zip: core.yaml lists CORE's tasks, eval_meta_data.csv their random
+    baselines, eval_data/ their items) as evals.py's tasks, prompts starting with the
+    end-of-text token as nanochat's do."""
+    import csv
+    import io
+    import zipfile
+    try:
+        import yaml  # PyYAML, which transformers brings; needed only here
+    except ImportError:
+        raise ValueError("reading CORE's core.yaml needs PyYAML: pip install pyyaml") from None
+    try:
+        with zipfile.ZipFile(raw) as z:
+            root = "eval_bundle/"
+            config = yaml.safe_load(z.read(root + "core.yaml"))
+            baselines = {row["Eval Task"]: float(row["Random baseline"])
+                         for row in csv.DictReader(io.StringIO(z.read(root + "eval_meta_data.csv").decode("utf-8")))}
+            tasks = {}
+            for task in config["icl_tasks"]:
+                label, kind = task["label"], CORE_KINDS[task["icl_task_type"]]
+                rows = [json.loads(line) for line in z.read(root + "eval_data/" + task["dataset_uri"]).decode(
+                    "utf-8").splitlines() if line.strip()]
+                items = [{"context": r["query"], "choices": r["choices"], "gold": r["gold"]} if kind == "choice" else
+                         {"contexts": r["context_options"], "continuation": r["continuation"], "gold": r["gold"]}
+                         if kind == "schema" else {"context": r["context"], "continuation": r["continuation"]}
+                         for r in rows]
+                write_items(os.path.join(out, f"{label}.jsonl"), items)
+                tasks[label] = {"kind": kind, "fewshot": task["num_fewshot"][0], "bos": True, "file": f"{label}.jsonl",
+                                "delimiter": task.get("continuation_delimiter", " "), "random": baselines[label]}
+    except (zipfile.BadZipFile, KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"{raw}: not DCLM's eval bundle as expected ({type(e).__name__}: {e}); delete it and run "
+                         "again to download it anew") from None
+    return tasks
 
 
 def pretrained_tokenizer(name_or_dir):
@@ -655,7 +744,7 @@ def check_settings():
     if own and next(read_docs(dataset), None) is None:
         raise SystemExit(f"error: {dataset} holds no documents (it is empty, or only whitespace)")
     spec = tokenizer or ("gpt2" if own else DATASETS[dataset]["tokenizer"])
-    evals = eval_sets()
+    eval_list = eval_sets()
     out = os.path.abspath(os.path.join(data_dir, dataset_name(dataset)))
     check([("dataset", dataset, not own or dataset_name(dataset) not in DATASETS,
             f"a path whose name is not that of a named dataset ({dataset_name(dataset)})"),
@@ -673,9 +762,11 @@ def check_settings():
            ("val_fraction", val_fraction, 0 < val_fraction < 1, "between 0 and 1"),
            ("ngram", ngram, ngram >= 1, "1 or more"),
            ("overlap", overlap, 0 <= overlap < 1, "0 to 1 (not 1)"),
-           ("decontaminate", decontaminate, all(e == "val" or os.path.exists(e) for e in evals),
+           ("decontaminate", decontaminate, all(e == "val" or os.path.exists(e) for e in eval_list),
             "'none', or a comma-separated list of 'val', prepared datasets (data/x) and files or folders that exist"),
-           ("decontaminate", decontaminate, not evals or own or "shards" not in DATASETS[dataset],
+           ("evals", evals, all(e.strip() in EVALS for e in evals.split(",") if e.strip()),
+            f"a comma-separated list of {', '.join(EVALS)}"),
+           ("decontaminate", decontaminate, not eval_list or own or "shards" not in DATASETS[dataset],
             f"empty: {dataset} comes pre-tokenized, as whole shards")])
     return spec
 
@@ -777,6 +868,7 @@ if __name__ == "__main__":
     print("settings:", setting_names(globals()))
     try:
         prepare()
+        prepare_evals([e.strip() for e in evals.split(",") if e.strip()], data_dir)
     except (DownloadError, ValueError) as e:
         raise SystemExit(f"prepare.py: error: {e}") from None
     except OSError as e:

@@ -3208,6 +3208,210 @@ def test_hf_export_of_any_model_of_ours(tiny_data, tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# evals.py
+
+
+HELLASWAG_LINES = [  # hellaswag_val.jsonl's format: one item a line (these three made up)
+    {"ind": 24, "activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
+     "ctx": "A man is sitting on a roof. he", "split": "val", "split_type": "indomain", "label": 3,
+     "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                 "is holding a rubik's cube.", "starts pulling up roofing on a roof."], "source_id": "activitynet~v_-JhWjGDPHMY"},
+    {"ind": 92, "activity_label": "Clean and jerk", "ctx_a": "A lady walks to a barbell.", "ctx_b": "she",
+     "ctx": "A lady walks to a barbell. she", "split": "val", "split_type": "indomain", "label": 2,
+     "endings": ["swings the barbell.", "sits down.", "bends down and grabs the pole.", "stands on a ball."],
+     "source_id": "activitynet~v_-lJS58hyo1c"},
+    {"ind": 106, "activity_label": "Canoeing", "ctx_a": "Two women in a child are shown in a canoe.", "ctx_b": "they",
+     "ctx": "Two women in a child are shown in a canoe. they", "split": "val", "split_type": "indomain", "label": 1,
+     "endings": ["sit in a kayak.", "are then shown paddling down a river.", "jump.", "fly away."],
+     "source_id": "activitynet~v_-xQvJmC2jhk"}]
+CORE_YAML = """icl_tasks:
+-
+  label: copa
+  dataset_uri: language_understanding/copa.jsonl
+  num_fewshot: [0]
+  icl_task_type: multiple_choice
+-
+  label: winograd
+  dataset_uri: language_understanding/winograd_wsc.jsonl
+  num_fewshot: [0]
+  icl_task_type: schema
+-
+  label: lambada_openai
+  dataset_uri: language_understanding/lambada_openai.jsonl
+  num_fewshot: [0]
+  icl_task_type: language_modeling
+  continuation_delimiter: ""
+"""
+CORE_CSV = "Eval Task,Task Category,Task Type,#shots,#datapoints,Random baseline,Centered Metric?,Description\n" \
+           "copa,commonsense reasoning,multiple choice,0,100,50,,x\nwinograd,language understanding,schema,0,273,50,,x\n" \
+           "lambada_openai,language understanding,language modeling,0,5153,0,,x\n"
+CORE_DATA = {"language_understanding/copa.jsonl": [{"query": "The man broke his toe because", "gold": 1,
+                                                    "choices": ["he had a party.", "he dropped a hammer on his foot."]}],
+             "language_understanding/winograd_wsc.jsonl": [{"context_options": ["The trophy", "The suitcase"],
+                                                            "continuation": "was too big.", "gold": 0}],
+             "language_understanding/lambada_openai.jsonl": [{"context": "She opened the door and saw her",
+                                                              "continuation": " mother"}]}
+
+
+def eval_bundle():
+    """A small DCLM eval bundle, zipped, in the real one's layout."""
+    import zipfile
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("eval_bundle/core.yaml", CORE_YAML)
+        z.writestr("eval_bundle/eval_meta_data.csv", CORE_CSV)
+        for path, rows in CORE_DATA.items():
+            z.writestr("eval_bundle/eval_data/" + path, "".join(json.dumps(r) + "\n" for r in rows))
+    return buf.getvalue()
+
+
+def test_evals_prepare_downloads_and_converts(server, tmp_path, fast_retries, monkeypatch):
+    FileServer.FILES["hellaswag_val.jsonl"] = "".join(json.dumps(r) + "\n" for r in HELLASWAG_LINES).encode()
+    FileServer.FILES["eval_bundle.zip"] = eval_bundle()
+    monkeypatch.setitem(prepare.EVALS, "hellaswag", f"{server}/plain/hellaswag_val.jsonl")
+    monkeypatch.setitem(prepare.EVALS, "core", f"{server}/plain/eval_bundle.zip")
+    with contextlib.redirect_stdout(io.StringIO()):
+        prepare.prepare_evals(["hellaswag", "core"], str(tmp_path))
+    import evals
+    hs = evals.load_set("hellaswag", tmp_path)["hellaswag"]
+    assert hs == ({"kind": "choice", "fewshot": 0, "delimiter": " ", "random": 25.0, "bos": False,
+                   "file": "hellaswag.jsonl"},
+                  [{"context": r["ctx"], "choices": r["endings"], "gold": r["label"]} for r in HELLASWAG_LINES])
+    core = evals.load_set("core", tmp_path)
+    assert {t: (m["kind"], m["random"], m["delimiter"], m["bos"]) for t, (m, _) in core.items()} == \
+        {"copa": ("choice", 50.0, " ", True), "winograd": ("schema", 50.0, " ", True),
+         "lambada_openai": ("lm", 0.0, "", True)}
+    assert core["winograd"][1] == [{"contexts": ["The trophy", "The suitcase"], "continuation": "was too big.",
+                                    "gold": 0}]
+    assert core["lambada_openai"][1] == [{"context": "She opened the door and saw her", "continuation": " mother"}]
+    # prepared once; a damaged download is named, and so is a set that is not prepared
+    n = len(FileServer.LOG)
+    with contextlib.redirect_stdout(io.StringIO()):
+        prepare.prepare_evals(["hellaswag", "core"], str(tmp_path))
+    assert len(FileServer.LOG) == n
+    FileServer.FILES["eval_bundle.zip"] = eval_bundle()[:300]
+    with pytest.raises((ValueError, prepare.DownloadError), match="eval_bundle.zip"):
+        prepare.prepare_evals(["core"], str(tmp_path / "again"))
+    FileServer.FILES["hellaswag_val.jsonl"] = b'{"ctx": "no endings"}\n'
+    with pytest.raises(ValueError, match="hellaswag_val.jsonl, line 1: not a HellaSwag item"):
+        prepare.prepare_evals(["hellaswag"], str(tmp_path / "again"))
+    with pytest.raises(FileNotFoundError, match="python prepare.py --evals=core"):
+        evals.load_set("core", tmp_path / "nothing")
+
+
+def test_evals_prompts_and_grading_by_hand():
+    import evals
+    items = [{"context": f"Q{i}", "choices": [f"a{i}", f"b{i}"], "gold": i % 2} for i in range(5)]
+    meta = {"kind": "choice", "fewshot": 2, "delimiter": ":"}
+    # item 0's two examples, drawn with the seed 1234 + 0 from items 1 to 4, are items 4 and 1
+    assert evals.render(items[0], meta, evals.fewshot(items, 0, 2)) == [("Q4:a4\n\nQ1:b1\n\nQ0", ":a0"),
+                                                                       ("Q4:a4\n\nQ1:b1\n\nQ0", ":b0")]
+    assert evals.fewshot(items, 2, 2) == [items[4], items[3]] and evals.fewshot(items, 2, 0) == []
+    schema = {"contexts": ["The trophy", "The suitcase"], "continuation": "was too big.", "gold": 0}
+    assert evals.render(schema, {"kind": "schema", "delimiter": " "}, [schema]) == \
+        [("The trophy was too big.\n\nThe trophy", " was too big."),
+         ("The trophy was too big.\n\nThe suitcase", " was too big.")]
+    lm = {"context": "She saw her ", "continuation": " mother"}
+    assert evals.render(lm, {"kind": "lm", "delimiter": ""}, [lm]) == [("She saw her mother\n\nShe saw her", " mother")]
+    # the tokens scored are the answer's, tokenized apart from the prompt, after end-of-text
+    # (bos) where the task asks; a sequence too long for the block keeps its end
+    enc = bpe.train(["abc " * 50], 300, workers=1).to_tiktoken()
+    reqs = evals.requests({"kind": "choice", "fewshot": 0, "delimiter": " ", "bos": True},
+                          [{"context": "abc", "choices": ["ab", "abc abc"], "gold": 1}], enc, 64)
+    prompt = [enc.eot_token] + enc.encode_ordinary("abc")
+    assert reqs == [(0, prompt + enc.encode_ordinary(" ab"), len(prompt), len(prompt) + len(enc.encode_ordinary(" ab"))),
+                    (0, prompt + enc.encode_ordinary(" abc abc"), len(prompt), len(prompt) + 2)]
+    (_, ids, start, end), = evals.requests({"kind": "lm", "fewshot": 0, "delimiter": "", "bos": False},
+                                           [{"context": "abc " * 30, "continuation": " abc"}], enc, 8)
+    assert len(ids) == 8 and (start, end) == (7, 8) and ids[-1] == enc.encode_ordinary(" abc")[0]
+    # acc by the summed loss, acc_norm by the mean: here they disagree (3 > 2, but 1 < 2)
+    long, short = (torch.tensor([1.0, 1.0, 1.0]), False), (torch.tensor([2.0]), False)
+    assert evals.grade("choice", 1, [long, short]) == (True, False)
+    assert evals.grade("choice", 0, [long, short]) == (False, True)
+    assert evals.grade("lm", None, [(torch.tensor([5.0]), True)]) == (True, True)
+    results = {"copa": {"acc": 0.6, "acc_norm": 0.7, "centered": 0.4, "items": 10}, "core": {"core": 0.4}}
+    assert evals.log_row(results) == {"copa_acc": 0.6, "copa_acc_norm": 0.7, "core": 0.4}
+
+
+def test_evals_against_transformers(trained, tmp_path):
+    # the harness's losses and choices against transformers' own computation on the same random GPT-2
+    import evals
+    theirs, ours = hf_pair("gpt2", tmp_path)  # vocab 1000: the `trained` tokenizer's
+    enc = trained.to_tiktoken()
+    rng = random.Random(3)
+    words = "the a cat dog sat ran on under big small red blue tree house river".split()
+    items = [{"context": " ".join(rng.choices(words, k=rng.randint(3, 9))), "gold": rng.randint(0, 3),
+              "choices": [" ".join(rng.choices(words, k=rng.randint(1, 6))) for _ in range(4)]} for _ in range(12)]
+    meta = {"kind": "choice", "fewshot": 1, "delimiter": " ", "random": 25.0, "bos": True}
+    results = evals.evaluate(ours.eval(), enc, {"toy": {"toy": (meta, items)}}, torch.device("cpu"),
+                             contextlib.nullcontext(), size=5)
+    right_sum = right_mean = 0
+    shuffled = items[:]
+    random.Random(1337).shuffle(shuffled)  # the order evaluate() takes them in (a fixed sample when cut)
+    for i, item in enumerate(shuffled):
+        sums, means = [], []
+        for prompt, answer in evals.render(item, meta, evals.fewshot(shuffled, i, 1)):
+            context, choice = [enc.eot_token] + enc.encode_ordinary(prompt), enc.encode_ordinary(answer)
+            ids = torch.tensor([context + choice])
+            with torch.no_grad():
+                logp = torch.log_softmax(theirs(ids).logits[0].double(), -1)  # (T, V)
+            token_logp = [float(logp[len(context) + j - 1, t]) for j, t in enumerate(choice)]  # each from the one before
+            sums.append(-sum(token_logp))
+            means.append(-sum(token_logp) / len(token_logp))
+        right_sum += sums.index(min(sums)) == item["gold"]
+        right_mean += means.index(min(means)) == item["gold"]
+    assert results["toy"]["acc"] == right_sum / 12 and results["toy"]["acc_norm"] == right_mean / 12
+    assert results["toy"]["items"] == 12 and results["toy"]["centered"] == pytest.approx((right_mean / 12 - 0.25) / 0.75)
+
+
+def write_eval_set(directory, name="hellaswag"):
+    """A small set in evals.py's format, by hand: tasks of every kind, named as a real set."""
+    where = directory / "evals" / name
+    where.mkdir(parents=True)
+    rng = random.Random(4)
+    words = "def return import class self for in if else while print len range".split()
+    text = lambda k: " ".join(rng.choices(words, k=k))  # noqa: E731
+    items = {"choice": [{"context": text(6), "choices": [text(3) for _ in range(4)], "gold": rng.randint(0, 3)}
+                        for _ in range(9)],
+             "schema": [{"contexts": [text(4), text(4)], "continuation": text(3), "gold": rng.randint(0, 1)}
+                        for _ in range(7)],
+             "lm": [{"context": text(5), "continuation": " " + text(1)} for _ in range(5)]}
+    tasks = {}
+    for kind, rows in items.items():
+        (where / f"{kind}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tasks[kind] = {"kind": kind, "fewshot": 2, "delimiter": " ", "random": 25.0, "bos": True, "file": f"{kind}.jsonl"}
+    (where / "tasks.json").write_text(json.dumps(tasks))
+
+
+def test_evals_command_line_ddp_and_in_training(tiny_data, tiny_checkpoint, tmp_path):
+    # python evals.py on a checkpoint prints the table; 2 processes give 1's numbers; train.py
+    # runs the same at its evaluations, into log.jsonl, and the export's card carries them
+    write_eval_set(tmp_path)
+    args = [f"--init_from={tiny_checkpoint}", "--evals=hellaswag", f"--data_dir={tmp_path}", "--batch=3"]
+    one = script("evals.py", *args)
+    assert one.returncode == 0 and "| choice | 9 |" in one.stdout and "| **HELLASWAG** (mean centered) |" in one.stdout
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "evals.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+    table = lambda out: out[out.index("| task |"):]  # noqa: E731
+    assert table(two.stdout) == table(one.stdout)
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    shutil.copytree(tmp_path / "evals", data / "evals")
+    run, logs = train(data, tmp_path / "run", "--max_steps=4", "--eval_interval=2", "--evals=hellaswag",
+                      "--evals_interval=4")
+    assert run.returncode == 0, run.stderr
+    scored = [r for r in logs if "hellaswag" in r]
+    assert [r["step"] for r in scored] == [0, 4] and {"choice_acc", "choice_acc_norm", "lm_acc"} <= set(scored[0])
+    assert export(tmp_path / "run" / "ckpt.pt", tmp_path / "hf", "--license=mit").returncode == 0
+    assert "- evals (evals.py; HellaSwag acc_norm, CORE): " in (tmp_path / "hf" / "README.md").read_text()
+    for bad, msg in [("--evals=mmlu", "evals='mmlu': it must be a comma-separated list of hellaswag, core"),
+                     ("--max_items=-1", "max_items=-1")]:
+        run = script("evals.py", *args, bad)
+        assert run.returncode == 1 and msg in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+# -----------------------------------------------------------------------------
 # bench.py
 
 

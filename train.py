@@ -42,6 +42,7 @@ import checkpoint
 import model
 import prepare
 from config import check, configure, setting_names
+from evals import evaluate as evaluate_tasks, load_set, log_row
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -107,6 +108,9 @@ dtype = ""  # "" picks bf16 on CUDA (fp16 where bf16 is missing), fp32 elsewhere
 compile = None  # None: on CUDA only
 eval_interval = 400
 eval_tokens = 170000  # the fixed val tokens each evaluation reads (about all of stdlib's), whatever the process count
+evals = ""  # downstream evaluation sets (evals.py) run at evaluations too, comma-separated: hellaswag, core
+evals_interval = 0  # steps between those runs (a multiple of eval_interval); 0: at every evaluation
+eval_items = 0  # items per task (a fixed sample); 0: all
 log_interval = 10
 ckpt_interval = 0  # steps between checkpoints; 0: at every evaluation
 ckpt_minutes = 5.0  # also a checkpoint once this many minutes passed since the last (at a log line); 0: off
@@ -121,7 +125,8 @@ CHANGE_ON_RESUME = {"init_from", "out_dir", "data_dir", "overwrite", "max_steps"
                     "warmup_steps", "schedule", "decay_frac", "weight_decay", "beta1", "beta2", "grad_clip",
                     "muon_lr", "muon_momentum",
                     "total_batch_size", "micro_batch", "device", "dtype", "compile", "eval_interval",
-                    "eval_tokens", "log_interval", "ckpt_interval", "ckpt_minutes", "max_bad_steps", "parallel",
+                    "eval_tokens", "evals", "evals_interval", "eval_items", "log_interval", "ckpt_interval", "ckpt_minutes",
+                    "max_bad_steps", "parallel",
                     *RUN_OPTIONS}
 
 
@@ -153,6 +158,11 @@ def check_settings(world):
            ("parallel", parallel, parallel in ("ddp", "fsdp"), "ddp or fsdp"),
            ("eval_interval", eval_interval, eval_interval >= 1, "1 or more"),
            ("eval_tokens", eval_tokens, eval_tokens >= block_size, f"block_size ({block_size}) or more"),
+           ("evals", evals, all(e.strip() in prepare.EVALS for e in evals.split(",") if e.strip()),
+            f"a comma-separated list of {', '.join(prepare.EVALS)}, or ''"),
+           ("evals_interval", evals_interval, evals_interval >= 0 and evals_interval % eval_interval == 0,
+            f"0 (at every evaluation) or a multiple of eval_interval ({eval_interval})"),
+           ("eval_items", eval_items, eval_items >= 0, "0 (all) or more"),
            ("log_interval", log_interval, log_interval >= 1, "1 or more"),
            ("ckpt_interval", ckpt_interval, ckpt_interval >= 0, "0 (at every evaluation) or more"),
            ("ckpt_minutes", ckpt_minutes, 0 <= ckpt_minutes < math.inf, "0 (off) or more"),
@@ -585,6 +595,8 @@ class Run:
     train_data: Shards
     val: np.ndarray  # (n, block_size + 1) val sequences
     n_bytes: torch.Tensor  # bytes of text per token id, for bits per byte
+    enc: object  # the tokenizer (a tiktoken.Encoding), for the downstream evals
+    sets: dict  # the downstream evaluation sets, {name: evals.load_set(...)}
     accum: int  # micro-steps per step
     step: int  # the step it starts at
     saved: int  # the step of the last good checkpoint, or None
@@ -631,11 +643,16 @@ def setup(ckpt):
         log(f"data: total_batch_size changed on resume; {train_data.per_step - train_data.realigned} sequences "
             "skipped to start a whole step")
     val = val_sequences(directory, block_size, eval_tokens // block_size)
-    eot = meta["eot_id"]
+    eot, names = meta["eot_id"], [e.strip() for e in evals.split(",") if e.strip()]
+    if names and rank == 0:
+        prepare.prepare_evals(names, data_dir)  # downloaded and converted once
+    if names and ddp:
+        dist.barrier()
+    sets = {name: load_set(name, data_dir) for name in names}
     log(f"val: {val.size - len(val):,} tokens; gzip -9 on their text: {gzip_bpb(val, enc, eot):.4f} bits per byte")
     base = ckpt.get("base") if ckpt else None if init_from == "scratch" else checkpoint.base_name(init_from)
     return Run(ddp, rank, world, dev, log, raw_model, fast_model, train_model, optimizer, scaler, autocast, base,
-               lora, spec, eot, train_data, val, torch.from_numpy(prepare.token_bytes(enc)).to(dev),
+               lora, spec, eot, train_data, val, torch.from_numpy(prepare.token_bytes(enc)).to(dev), enc, sets,
                total_batch_size // (micro_batch * block_size * world), *[ckpt["step"] if ckpt else 0] * 2,
                time.time(), hold)
 
@@ -754,6 +771,11 @@ def loop(r, stop, log_file):
                                          r.world, r.ddp)
             r.log(f"step {step}: val loss {val_loss:.4f}, val bits per byte {val_bpb:.4f}")
             write_log(log_file, {"step": step, "val_loss": val_loss, "val_bpb": val_bpb})
+            if r.sets and (evals_interval == 0 or step % evals_interval == 0 or last_step):  # downstream tasks
+                results = evaluate_tasks(r.fast_model, r.enc, r.sets, r.dev, r.autocast, eval_items, micro_batch,
+                                         r.rank, r.world)
+                r.log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in log_row(results).items()))
+                write_log(log_file, {"step": step, **log_row(results)})
             t0, logged = time.time(), step  # evaluation time is not training time
         # at every evaluation (or every ckpt_interval steps), every ckpt_minutes, at the end and on a signal:
         # a checkpoint

@@ -1,5 +1,5 @@
 # GPT-2 small (124M) on FineWeb 10B, the llm.c / nanoGPT recipe: 8 GPUs, 2^19 (~0.5M) tokens a step.
-#   python prepare.py config/gpt2_small.py        # downloads 103 shards of llm.c's GPT-2 tokens (~20 GB)
+#   python prepare.py config/gpt2_small.py        # downloads 103 shards of llm.c's GPT-2 tokens (~20 GB), and the evals
 #   torchrun --standalone --nproc_per_node=8 train.py config/gpt2_small.py
 dataset = "fineweb10B"
 tokenizer = "gpt2"
@@ -31,6 +31,10 @@ schedule = "cosine"
 max_steps = 18865  # ~9.9B tokens, one pass over the data, as llm.c
 weight_decay = 0.1
 eval_interval = 250
+# downstream evals (evals.py), prepared by prepare.py with the data: HellaSwag and CORE's 22
+# tasks every 2000 steps and at the end, split over the GPUs; their scores go to log.jsonl
+evals = "hellaswag,core"
+evals_interval = 2000
 eval_tokens = 10_485_760  # 20 micro-steps of the 8 GPUs
 log_interval = 10
 ckpt_interval = 2000
