@@ -19,7 +19,7 @@ stays as ckpt.prev.pt: ckpt.pt is whole at every moment, and a checkpoint whose 
 or loss went bad is never saved. load_model turns whatever names a model (a checkpoint,
 a run's directory, a pretrained name or a Hugging Face directory) into one, for every
 script; the export writes a checkpoint in the Hugging Face format through hf.py.
-Read next: hf.py
+Read next: hf.py, then evals.py
 """
 import argparse
 import contextlib

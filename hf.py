@@ -11,7 +11,7 @@ out as that class, and transformers loads it with no code of ours; any other (th
 quickstart's, with RoPE in GPT-2 blocks and value embeddings) goes out with our model.py
 and a short wrapper beside the weights, loaded with trust_remote_code=True. Either way the
 tokenizer goes as tokenizer.json, and a model card says what the model is.
-Read next: bench.py, which measures everything.
+Read next: evals.py, the downstream evals; then bench.py, which measures everything.
 """
 import json
 import math

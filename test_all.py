@@ -3475,7 +3475,7 @@ def commands(text):
     return found
 
 
-SCRIPTS = ("prepare.py", "train.py", "sample.py", "bench.py", "checkpoint.py", "bpe.py")
+SCRIPTS = ("prepare.py", "train.py", "sample.py", "bench.py", "checkpoint.py", "bpe.py", "evals.py")
 
 
 def test_readme_and_docs_commands_name_real_settings():
@@ -3483,6 +3483,7 @@ def test_readme_and_docs_commands_name_real_settings():
     # what it takes: the config file exists, and every --key is one of the script's
     # settings with a value of the right type (configure() reads them as the script would)
     import config as config_py
+    import evals as evals_py
     import train as train_py
     import sample as sample_py
     flags = {name: set(re.findall(r'add_argument\("(--\w+)"', (ROOT / name).read_text()))
@@ -3496,14 +3497,15 @@ def test_readme_and_docs_commands_name_real_settings():
             if name in flags:
                 assert {a.split("=")[0] for a in args if a.startswith("--")} <= flags[name], (doc.name, name, args)
                 continue
-            owner = {"prepare.py": prepare, "train.py": train_py, "sample.py": sample_py}[name]
+            owner = {"prepare.py": prepare, "train.py": train_py, "sample.py": sample_py, "evals.py": evals_py}[name]
             others = config_py.settings_in("train.py") | config_py.settings_in("sample.py") if owner is prepare \
                 else config_py.setting_names(vars(prepare))
             try:
                 config_py.configure(config_py.setting_names(vars(owner)), args, others=others)
             except SystemExit as e:
                 raise AssertionError(f"{doc.name}: {name} {' '.join(args)}: {e}") from None
-    assert min(seen[n] for n in ("prepare.py", "train.py", "sample.py", "checkpoint.py", "bench.py")) >= 1, seen
+    assert min(seen[n] for n in ("prepare.py", "train.py", "sample.py", "checkpoint.py", "bench.py", "evals.py")) >= 1, \
+        seen
     # and the test reads what it should: a wrong key and a missing config file are caught
     for line, msg in [("python train.py --n_layers=2", "unknown setting 'n_layers'"),
                       ("python prepare.py config/nothing.py", "not found")]:
