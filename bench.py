@@ -5,6 +5,8 @@ bench.py: every benchmark of the project, printed as markdown tables.
     python bench.py tokenizer    # just one
     python bench.py --tiny       # every section at toy sizes, in seconds: that it runs (the tests do this)
     python bench.py gpu --out=DIR    # the GPU pass: CUDA tests, attention, training, sampling; a report in DIR
+    python bench.py plot out/a out/b     # their loss, val bpb and evals against the tokens seen, as a PNG
+    python bench.py sweep --learning_rate=1e-3,3e-3 --seeds=2   # a grid of runs, a table and plots
 
 Each section times our code and a reference in the same run, on the same machine,
 and prints the ratio. Numbers go into README.md with the date, device and versions.
@@ -977,6 +979,215 @@ def bench_fsdp(tiny=False, data_dir=None):
         print(f"| {name} | {peak:,.0f} MB | {f'{above:,.0f} MB' if above else ''} | {f'**{vs:.2f}x**' if above else ''} |")
 
 
+# -----------------------------------------------------------------------------
+# plot and sweep: runs to look at, and grids of runs (python bench.py plot out/a out/b;
+# python bench.py sweep --learning_rate=1e-3,3e-3)
+
+SAME_RUN = {"out_dir", "init_from", "overwrite", "data_dir", "device", "compile", "log_interval", "eval_interval",
+            "ckpt_interval", "ckpt_minutes", "wandb_log", "wandb_project", "wandb_run_name"}  # not what a run is
+
+
+def run_record(directory):
+    """A run's log.jsonl rows and settings (from its ckpt.pt; {} without one)."""
+    import checkpoint
+    log = os.path.join(directory, "log.jsonl")
+    if not os.path.exists(log):
+        raise SystemExit(f"bench.py: error: {log} not found: give the out_dir of a train.py run")
+    path = os.path.join(directory, "ckpt.pt")
+    settings = checkpoint.load_checkpoint(path)["settings"] if os.path.exists(path) else {}
+    return checkpoint.read_log(log), settings
+
+
+def differences(settings):
+    """Each run's label: the settings in which the runs differ, key=value, with the seed."""
+    keys = sorted({k for s in settings for k in s if k not in SAME_RUN and len({repr(x.get(k)) for x in settings}) > 1})
+    return [", ".join(f"{k}={s.get(k)}" for k in keys) for s in settings]
+
+
+def pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files, not windows
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        raise SystemExit("bench.py: error: plots need matplotlib: pip install matplotlib") from None
+
+
+def bench_plot(dirs, path="plot.png"):
+    """A PNG of runs from their log.jsonl files: the train loss and the val bits per byte
+    against the tokens seen, and the downstream evals' scores where there are any; each run
+    labelled by the settings in which it differs from the others. Returns the labels."""
+    import config
+    plt = pyplot()
+    records = [run_record(d) for d in dirs]
+    labels = differences([s for _, s in records]) if len(dirs) > 1 else [""]
+    labels = [label or os.path.basename(os.path.normpath(d)) for label, d in zip(labels, dirs)]
+    scores = sorted({k for rows, _ in records for r in rows for k in r if k == "core" or k.endswith("_acc_norm")})
+    fig, axes = plt.subplots(1, 2 + bool(scores), figsize=(6 * (2 + bool(scores)), 4.5), squeeze=False)
+    for (rows, settings), label in zip(records, labels):
+        tokens = settings.get("total_batch_size", 1) / 1e6  # per step, in millions
+        for ax, key in zip(axes[0], ["loss", "val_bpb"]):
+            points = [(r["step"] * tokens, r[key]) for r in rows if key in r]
+            ax.plot(*zip(*points), label=label, marker="." if len(points) < 30 else None) if points else None
+        for key in scores:
+            points = [(r["step"] * tokens, r[key]) for r in rows if key in r]
+            axes[0][2].plot(*zip(*points), label=f"{label} {key}", marker=".") if points else None
+    for ax, title in zip(axes[0], ["train loss", "val bits per byte", "evals (acc_norm; CORE)"]):
+        ax.set(title=title, xlabel="tokens seen (millions)" if records[0][1] else "steps")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    with config.atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+    print(f"bench: wrote {path}: {', '.join(labels)}")
+    return labels
+
+
+def sweep_grid(argv):
+    """python bench.py sweep [config.py] --key=v1,v2 ... [--seeds=N] [--out=DIR]: the runs,
+    each (its name, its train.py arguments), every combination of the listed values, each
+    with every seed; refused before anything runs when a setting is unknown, a list is
+    empty, or a value has the wrong type. String settings list their values with | (their
+    values may hold commas)."""
+    import itertools
+    import config
+    import prepare
+    import train
+    defaults, others = config.setting_names(vars(train)), config.setting_names(vars(prepare))
+    head = argv[:1] if argv and not argv[0].startswith("-") else []
+    seeds, out, grid, fixed = 1, os.path.join("out", "sweep"), {}, {}  # key -> values; key -> its argument
+    for arg in argv[len(head):]:
+        key, eq, text = arg[2:].partition("=")
+        if not arg.startswith("--") or not eq:
+            raise SystemExit(f"bench.py sweep: error: expected --key=value or --key=v1,v2, got {arg!r}")
+        if key == "seeds":
+            if not (text.isdigit() and int(text) >= 1):
+                raise SystemExit(f"bench.py sweep: error: --seeds={text!r}: it must be 1 or more")
+            seeds = int(text)
+        elif key == "out":
+            out = text
+        elif key not in defaults:
+            config.configure(dict(defaults), [arg])  # the unknown-setting error, with its suggestions
+        else:
+            values = text.split("|" if isinstance(defaults[key], str) else ",")
+            if not text or not all(values):
+                raise SystemExit(f"bench.py sweep: error: --{key}={text!r}: an empty value; give one or more")
+            grid.pop(key, None), fixed.pop(key, None)  # the last one given wins, as on train.py's command line
+            (grid.__setitem__(key, values) if len(values) > 1 else fixed.__setitem__(key, arg))
+    fixed = list(fixed.values())
+    runs = []
+    for combo in itertools.product(*grid.values()):
+        for seed in range(1337, 1337 + seeds):
+            chosen = [f"--{k}={v}" for k, v in zip(grid, combo)] + [f"--seed={seed}"]
+            name = ",".join(a[2:] for a in chosen).replace("/", "_")
+            config.configure(dict(defaults), head + fixed + chosen, others=others)  # each value's type, now
+            runs.append((name, head + fixed + chosen + [f"--out_dir={os.path.join(out, name)}"]))
+    return runs, grid, out
+
+
+def bench_sweep(argv):
+    """Runs a grid of train.py runs (sweep_grid), one per GPU at a time (one at a time on a
+    CPU), each in its own out_dir; a run that finished is skipped and one cut short is
+    resumed, so an interrupted sweep continues. Then a table of each setting's final val
+    bits per byte (mean and spread over the seeds), tokens/s and time, and plots."""
+    runs, grid, out = sweep_grid(argv)
+    slots = max(1, torch.cuda.device_count())
+    running, done = [], []
+    for name, args in runs:
+        directory = os.path.join(out, name)
+        path = os.path.join(directory, "ckpt.pt")
+        if os.path.exists(os.path.join(directory, "sweep.json")):
+            note(f"sweep: {name}: finished before, skipped")
+            continue
+        extra = ["--init_from=resume"] if os.path.exists(path) else ["--overwrite"]
+        while len(running) >= slots:
+            running = [r for r in running if r[0].poll() is None]
+            time.sleep(0.5)
+        note(f"sweep: {name}: training")
+        os.makedirs(directory, exist_ok=True)
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(len(done) % slots)) if torch.cuda.is_available() else None
+        log = open(os.path.join(directory, "sweep.log"), "w")
+        proc = subprocess.Popen([sys.executable, "train.py", *args, *extra], stdout=log, stderr=subprocess.STDOUT,
+                                env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
+        running.append((proc, directory, time.time(), log))
+        done.append(name)
+        running = finish_runs(running, wait=slots == 1)
+    finish_runs(running, wait=True)
+    print(sweep_table(out, runs, grid))
+    if runs:
+        bench_plot([os.path.join(out, name) for name, _ in runs], os.path.join(out, "curves.png"))
+        sweep_plot(out, runs, grid, os.path.join(out, "sweep.png"))
+
+
+def finish_runs(running, wait):
+    """The runs still going; those that ended get their sweep.json (time, exit code)."""
+    left = []
+    for proc, directory, t0, log in running:
+        if wait:
+            proc.wait()
+        if proc.poll() is None:
+            left.append((proc, directory, t0, log))
+            continue
+        log.close()
+        if proc.returncode:
+            raise SystemExit(f"bench.py sweep: error: {directory} failed (exit code {proc.returncode}): see "
+                             f"{directory}/sweep.log; run the sweep again to go on")
+        with open(os.path.join(directory, "sweep.json"), "w") as f:
+            json.dump({"wall_s": time.time() - t0}, f)
+    return left
+
+
+def sweep_results(out, runs, grid):
+    """{swept values: [(final val bpb, mean tokens/s, wall s) per seed]}, from the runs' files."""
+    results = {}
+    for name, args in runs:
+        rows = [json.loads(line) for line in open(os.path.join(out, name, "log.jsonl"))]
+        wall = json.load(open(os.path.join(out, name, "sweep.json")))["wall_s"]
+        bpb = [r["val_bpb"] for r in rows if "val_bpb" in r][-1]
+        tps = np.mean([r["tokens_per_s"] for r in rows if "tokens_per_s" in r] or [float("nan")])
+        key = tuple(a for a in args if a.split("=")[0][2:] in grid)
+        results.setdefault(key, []).append((bpb, tps, wall))
+    return results
+
+
+def sweep_table(out, runs, grid):
+    lines = [f"\n### Sweep: {', '.join(grid) or 'one setting'}, {out}\n",
+             "| settings | seeds | final val bpb | tokens/s | time |", "|---|---:|---:|---:|---:|"]
+    for key, seeds in sweep_results(out, runs, grid).items():
+        bpb = [b for b, _, _ in seeds]
+        spread = f" ± {(max(bpb) - min(bpb)) / 2:.4f}" if len(bpb) > 1 else ""
+        lines.append(f"| {' '.join(a[2:] for a in key) or '(as given)'} | {len(seeds)} | {np.mean(bpb):.4f}{spread} | "
+                     f"{np.mean([t for _, t, _ in seeds]):,.0f} | {np.mean([w for _, _, w in seeds]):.0f} s |")
+    return "\n".join(lines)
+
+
+def sweep_plot(out, runs, grid, path):
+    """The final val bits per byte against each swept setting (the others averaged over)."""
+    import config
+    plt = pyplot()
+    results = sweep_results(out, runs, grid)
+    fig, axes = plt.subplots(1, max(1, len(grid)), figsize=(5 * max(1, len(grid)), 4), squeeze=False)
+    for ax, key in zip(axes[0], grid):
+        values = grid[key]
+        means = [np.mean([b for k, seeds in results.items() if f"--{key}={v}" in k for b, _, _ in seeds])
+                 for v in values]
+        numeric = all(v.replace(".", "", 1).replace("e-", "", 1).replace("e", "", 1).isdigit() for v in values)
+        xs = [float(v) for v in values] if numeric else list(range(len(values)))
+        ax.plot(xs, means, marker="o")
+        if numeric and max(xs) > 10 * min(xs) > 0:
+            ax.set_xscale("log")
+        if not numeric:
+            ax.set_xticks(xs, values)
+        ax.set(xlabel=key, ylabel="final val bits per byte", title=f"{key}: mean over the rest and the seeds")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with config.atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+
+
 SECTIONS = {"tokenizer": bench_tokenizer, "prepare": bench_prepare, "train": bench_train, "model": bench_model,
             "attention": bench_attention, "kernels": bench_kernels, "sample": bench_sample,
             "memory": bench_memory, "fsdp": bench_fsdp}  # train first: its subprocess wants idle cores
@@ -985,7 +1196,14 @@ NEEDS_DATA = ("train", "fsdp")  # sections that train on a prepared dataset: --d
 
 
 def main(argv):
-    """python bench.py [--tiny] [--data_dir=DIR] [--out=DIR] [section ...]"""
+    """python bench.py [--tiny] [--data_dir=DIR] [--out=DIR] [section ...]; python bench.py plot
+    DIR ... [--out=FILE.png]; python bench.py sweep [config.py] --key=v1,v2 ... [--seeds=N]"""
+    if argv[:1] == ["plot"]:
+        dirs = [a for a in argv[1:] if not a.startswith("--out=")]
+        out = ([a.split("=", 1)[1] for a in argv[1:] if a.startswith("--out=")] or ["plot.png"])[-1]
+        return bench_plot(dirs, out) if dirs else sys.exit("bench.py plot: give one or more out_dir of runs")
+    if argv[:1] == ["sweep"]:
+        return bench_sweep(argv[1:])
     tiny, data_dir, out, names = False, "data", "gpu_report", []
     if "--tiny" in argv and not torch.cuda.is_available():  # flash.py through triton's interpreter, on a CPU
         os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -2065,12 +2065,12 @@ def test_train_bits_per_byte_by_hand(tiny_data, monkeypatch):
     gz = subprocess.run(["gzip", "-9", "-n", "-c"], input=text, capture_output=True).stdout
     assert train_py.gzip_bpb(val, enc, eot) == pytest.approx(len(gz) * 8 / len(text), abs=1e-9)
     # MFU: the model's training FLOPs a step over the time a step took, over the GPUs' peak
-    rows, r = [], type("Run", (), dict(dev="gpu", raw_model=m, world=2, log=lambda *a: None))
+    log, r = io.StringIO(), type("Run", (), dict(dev="gpu", raw_model=m, world=2, log=lambda *a: None, tracker=None))
     monkeypatch.setattr(train_py, "peak_flops", lambda dev: 1e12)
-    monkeypatch.setattr(train_py, "write_log", lambda f, row: rows.append(row))
     for key, value in dict(block_size=32, total_batch_size=4096, max_steps=10).items():
         monkeypatch.setattr(train_py, key, value)
-    train_py.log_step(r, None, 1, 2.0, 1e-3, 0.5, 0.25)
+    train_py.log_step(r, log, 1, 2.0, 1e-3, 0.5, 0.25)
+    rows = [json.loads(line) for line in log.getvalue().splitlines()]
     # by hand (test_model_loss_init_and_flops): qkv, proj, fc, proj of 2 layers, the tied head, attention
     flops = 6 * (2 * (64 * 192 + 64 * 64 + 2 * 64 * 256) + 320 * 64) + 12 * 2 * 4 * 16 * 32
     assert rows[0]["mfu"] == pytest.approx(flops * 4096 / 0.25 / 1e12 / 2) and rows[0]["tokens_per_s"] == 4096 / 0.25
@@ -2449,6 +2449,54 @@ def test_train_and_prepare_on_a_full_disk(tiny_data, tmp_path, monkeypatch):
     run = script("prepare.py", f"--data_dir={tmp_path / 'data'}", "--max_docs=5", "--tokenizer=bpe:260", "--workers=1")
     assert run.returncode == 1 and "no space left on the disk of" in run.stderr and "Traceback" not in run.stderr
     assert not list((tmp_path / "data").rglob("meta.json"))
+
+
+def wandb_records(directory):
+    """The records of the offline wandb run in directory: its .wandb file is LevelDB's log
+    format (32 KB blocks of records: crc, length, type, then a protobuf Record, maybe split
+    over blocks), read here with wandb's own schema."""
+    import struct
+    from wandb.proto import wandb_internal_pb2
+    data, pos, records, part = next(directory.rglob("run-*.wandb")).read_bytes(), 7, [], b""
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        part, pos = part + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(part)
+            records.append(record)
+            part = b""
+    return records
+
+
+def test_train_logs_to_wandb_offline(tiny_data, tmp_path, monkeypatch):
+    # wandb_log: every row of log.jsonl goes to the wandb run too, with the settings as its
+    # config; read back from the offline run's own file, not mocked
+    for key, value in dict(WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true").items():
+        monkeypatch.setenv(key, value)
+    run, logs = train(tiny_data, tmp_path / "run", "--max_steps=4", "--eval_interval=2", "--log_interval=1",
+                      "--wandb_log", "--wandb_project=tests")
+    assert run.returncode == 0, run.stderr
+    records = wandb_records(tmp_path / "wandb")
+    history = [{i.key or ".".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+               for r in records if r.HasField("history")]
+    merged = {}  # rows of one step go to wandb as one
+    for r in logs:
+        merged.setdefault(r["step"], {}).update(r)
+    assert [(h["_step"], h.get("loss"), h.get("val_bpb")) for h in history] == \
+        [(step, r.get("loss"), r.get("val_bpb")) for step, r in merged.items()]
+    assert len(history) == 5  # steps 0 (an evaluation) to 4
+    config = {i.key or ".".join(i.nested_key): json.loads(i.value_json) for r in records if r.HasField("run")
+              for i in r.run.config.update}
+    assert config["max_steps"] == 4 and config["wandb_project"] == "tests"
+    # no wandb: one line, before anything trains
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    run, _ = train(tiny_data, tmp_path / "none", "--max_steps=4", "--wandb_log")
+    assert run.returncode == 1 and "wandb_log=True needs wandb: pip install wandb" in run.stderr, run.stderr
+    assert not (tmp_path / "none" / "ckpt.pt").exists()
 
 
 def test_train_checkpoints_on_the_clock(tiny_data, tmp_path):
@@ -3436,6 +3484,47 @@ def test_bench_gpu_pass_dry_run(tmp_path):
             bench.bench_gpu(tiny=True, out=str(tmp_path / "again"))
     report = (tmp_path / "again" / "report.md").read_text()
     assert "## training: FAILED" in report and "a section that fails" in report and "## sampling: done" in report
+
+
+def test_bench_plot_and_sweep(tiny_data, tmp_path):
+    import bench
+    # a grid is refused before anything runs: an unknown setting, an empty list, a wrong type
+    for argv, msg in [(["--lerning_rate=1e-3,1e-2"], "unknown setting 'lerning_rate'.*did you mean learning_rate"),
+                      (["--learning_rate="], "--learning_rate='': an empty value"),
+                      (["--learning_rate=1e-3,"], "an empty value"), (["--n_layer=2,x"], "'n_layer' .* must be a int"),
+                      (["--seeds=0"], "--seeds='0': it must be 1 or more"), (["--n_layer"], "expected --key=value")]:
+        with pytest.raises(SystemExit, match=msg):
+            bench.sweep_grid(argv)
+    runs, grid, out = bench.sweep_grid(["--learning_rate=1e-2,3e-2", "--n_layer=1", "--lora_targets=attn,mlp|qkv",
+                                        "--seeds=2", f"--out={tmp_path}"])
+    assert grid == {"learning_rate": ["1e-2", "3e-2"], "lora_targets": ["attn,mlp", "qkv"]} and len(runs) == 8
+    assert runs[0] == ("learning_rate=1e-2,lora_targets=attn,mlp,seed=1337",
+                       ["--n_layer=1", "--learning_rate=1e-2", "--lora_targets=attn,mlp", "--seed=1337",
+                        f"--out_dir={tmp_path}/learning_rate=1e-2,lora_targets=attn,mlp,seed=1337"])
+    # a small sweep runs every point; run again, the finished ones are skipped
+    args = ["sweep", f"--data_dir={tiny_data}", *TINY, "--max_steps=3", "--eval_interval=3", "--learning_rate=1e-2,3e-2",
+            f"--out={tmp_path / 'sw'}"]
+    first = script("bench.py", *args)
+    assert first.returncode == 0 and "| learning_rate=1e-2 | 1 |" in first.stdout, first.stderr[-2000:]
+    again = script("bench.py", *args)
+    assert again.stderr.count("finished before, skipped") == 2 and again.stdout == first.stdout
+    assert (tmp_path / "sw" / "curves.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "sw" / "sweep.png").exists()
+    # the table, from known files: the mean and half the spread of two seeds, by hand
+    for name, bpb, tps, wall in [("a", 1.50, 100.0, 10.0), ("b", 1.40, 300.0, 30.0)]:
+        (tmp_path / "known" / name).mkdir(parents=True)
+        (tmp_path / "known" / name / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 3.0, "tokens_per_s": tps})
+                                                             + "\n" + json.dumps({"step": 2, "val_bpb": bpb}) + "\n")
+        (tmp_path / "known" / name / "sweep.json").write_text(json.dumps({"wall_s": wall}))
+    table = bench.sweep_table(str(tmp_path / "known"), [("a", ["--x=1", "--seed=1"]), ("b", ["--x=1", "--seed=2"])],
+                              {"x": ["1"]})
+    assert "| x=1 | 2 | 1.4500 ± 0.0500 | 200 | 20 s |" in table
+    # a plot of runs: each labelled by the settings in which it differs from the others
+    labels = bench.bench_plot([str(tmp_path / "sw" / name) for name in ("learning_rate=1e-2,seed=1337",
+                                                                        "learning_rate=3e-2,seed=1337")],
+                              str(tmp_path / "p.png"))
+    assert labels == ["learning_rate=0.01", "learning_rate=0.03"] and (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit, match="log.jsonl not found"):
+        bench.bench_plot([str(tmp_path / "nothing")], str(tmp_path / "q.png"))
 
 
 @pytest.mark.parametrize("section", ["tokenizer", "prepare", "train", "model", "attention", "sample", "memory",

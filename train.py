@@ -116,6 +116,9 @@ ckpt_interval = 0  # steps between checkpoints; 0: at every evaluation
 ckpt_minutes = 5.0  # also a checkpoint once this many minutes passed since the last (at a log line); 0: off
 seed = 1337
 max_bad_steps = 5  # non-finite losses in a row before training stops
+wandb_log = False  # also log every log.jsonl row to Weights & Biases (pip install wandb), with the settings
+wandb_project = "llm-from-scratch"
+wandb_run_name = ""  # "": out_dir's last part
 
 # model settings that change how the model runs, not what it computes: attributes of the
 # model, set from the settings on every run (resumed or fine-tuned too)
@@ -126,7 +129,7 @@ CHANGE_ON_RESUME = {"init_from", "out_dir", "data_dir", "overwrite", "max_steps"
                     "muon_lr", "muon_momentum",
                     "total_batch_size", "micro_batch", "device", "dtype", "compile", "eval_interval",
                     "eval_tokens", "evals", "evals_interval", "eval_items", "log_interval", "ckpt_interval", "ckpt_minutes",
-                    "max_bad_steps", "parallel",
+                    "max_bad_steps", "parallel", "wandb_log", "wandb_project", "wandb_run_name",
                     *RUN_OPTIONS}
 
 
@@ -602,6 +605,7 @@ class Run:
     saved: int  # the step of the last good checkpoint, or None
     saved_at: float  # when a checkpoint was last saved or tried (time.time())
     hold: object  # the lock on out_dir (process 0), released when closed
+    tracker: object = None  # the wandb run (process 0, wandb_log), or None
 
 
 def setup(ckpt):
@@ -654,10 +658,25 @@ def setup(ckpt):
     return Run(ddp, rank, world, dev, log, raw_model, fast_model, train_model, optimizer, scaler, autocast, base,
                lora, spec, eot, train_data, val, torch.from_numpy(prepare.token_bytes(enc)).to(dev), enc, sets,
                total_batch_size // (micro_batch * block_size * world), *[ckpt["step"] if ckpt else 0] * 2,
-               time.time(), hold)
+               time.time(), hold, start_wandb() if wandb_log and rank == 0 else None)
 
 # -----------------------------------------------------------------------------
 # A training step, and evaluation
+
+
+def start_wandb():
+    """A Weights & Biases run with the settings as its config: wandb is imported only here,
+    and a missing package or a failed start stops the run now, not at its first log line."""
+    try:
+        import wandb
+    except ImportError:
+        raise SystemExit("error: wandb_log=True needs wandb: pip install wandb") from None
+    try:
+        return wandb.init(project=wandb_project, name=wandb_run_name or os.path.basename(os.path.normpath(out_dir)),
+                          config=setting_names(globals()))
+    except Exception as e:  # no login, no network, a bad project name ...
+        raise SystemExit(f"error: wandb could not start ({type(e).__name__}: {str(e).strip()[:200]}); log in with "
+                         "`wandb login`, or set WANDB_MODE=offline, or run with wandb_log=False") from None
 
 
 def grad_sync(train_model, on):
@@ -770,12 +789,12 @@ def loop(r, stop, log_file):
             val_loss, val_bpb = evaluate(r.fast_model, r.val, r.n_bytes, r.autocast, r.eot if doc_mask else None, r.rank,
                                          r.world, r.ddp)
             r.log(f"step {step}: val loss {val_loss:.4f}, val bits per byte {val_bpb:.4f}")
-            write_log(log_file, {"step": step, "val_loss": val_loss, "val_bpb": val_bpb})
+            write_log(r, log_file, {"step": step, "val_loss": val_loss, "val_bpb": val_bpb})
             if r.sets and (evals_interval == 0 or step % evals_interval == 0 or last_step):  # downstream tasks
                 results = evaluate_tasks(r.fast_model, r.enc, r.sets, r.dev, r.autocast, eval_items, micro_batch,
                                          r.rank, r.world)
                 r.log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in log_row(results).items()))
-                write_log(log_file, {"step": step, **log_row(results)})
+                write_log(r, log_file, {"step": step, **log_row(results)})
             t0, logged = time.time(), step  # evaluation time is not training time
         # at every evaluation (or every ckpt_interval steps), every ckpt_minutes, at the end and on a signal:
         # a checkpoint
@@ -853,7 +872,7 @@ def log_step(r, log_file, step, loss, lr, grad_norm, dt):
     mfu = r.raw_model.flops_per_token(block_size) * total_batch_size / dt / peak / r.world if peak else None
     r.log(f"step {step}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | norm {grad_norm:.3f} | "
           f"{total_batch_size / dt:,.0f} tok/s | {dt * 1e3:.0f} ms | mfu {f'{mfu:.1%}' if mfu else 'n/a'}")
-    write_log(log_file, {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+    write_log(r, log_file, {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                          "tokens_per_s": total_batch_size / dt, "step_ms": dt * 1e3, "mfu": mfu})
 
 
@@ -881,7 +900,10 @@ def open_log(r):
 
 
 def finish(r, step, stop):
-    """The end of a run: the processes part, and a signal's exit code (128 + the signal)."""
+    """The end of a run: the processes part, the wandb run ends, and a signal's exit code
+    (128 + the signal)."""
+    if r.tracker is not None:
+        r.tracker.finish(exit_code=128 + stop["signal"] if stop["signal"] else 0)
     if r.ddp:
         # DDP holds the process group: freed after it, at exit, gloo's destructor could wait for
         # the GIL that the exiting thread holds (seen: a process that never ended)
@@ -910,10 +932,13 @@ def agree(loss, stop, world, dev, due):
     return mean, bool(flags[1])
 
 
-def write_log(log_file, row):
-    if log_file is not None:  # the master process's
+def write_log(r, log_file, row):
+    """A row of log.jsonl, on process 0; and of the wandb run, when there is one."""
+    if log_file is not None:
         log_file.write(json.dumps(row) + "\n")
         log_file.flush()
+    if r.tracker is not None:
+        r.tracker.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
 
 
 if __name__ == "__main__":
