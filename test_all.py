@@ -3576,13 +3576,17 @@ def test_readme_and_docs_commands_name_real_settings():
     import train as train_py
     import sample as sample_py
     flags = {name: set(re.findall(r'add_argument\("(--\w+)"', (ROOT / name).read_text()))
-             for name in ("checkpoint.py", "bpe.py")} | {"bench.py": {"--tiny", "--data_dir"}}
+             for name in ("checkpoint.py", "bpe.py")} | {"bench.py": {"--tiny", "--data_dir", "--out"}}
     seen = collections.Counter()
     for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         for name, args in commands(doc.read_text()):
             assert (ROOT / name).exists(), (doc.name, name)
             seen[name] += 1
             args = [a for a in args if a not in ("SECTION", "...")]  # the placeholders of `python bench.py SECTION ...`
+            if name == "bench.py" and args[:1] == ["sweep"]:
+                import bench
+                bench.sweep_grid(args[1:])  # refuses what train.py would
+                continue
             if name in flags:
                 assert {a.split("=")[0] for a in args if a.startswith("--")} <= flags[name], (doc.name, name, args)
                 continue
