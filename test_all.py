@@ -2035,6 +2035,12 @@ def test_train_lr_schedules_by_hand(monkeypatch):
     rates = [train_py.lr_at(s) for s in range(21)]
     assert rates[3] == 1e-2 and all(a >= b for a, b in zip(rates[3:], rates[4:])) and rates[4] > 1e-2 - 9e-3 / 16 - 1e-12
     assert rates[20] == pytest.approx(1e-3)
+    # Muon's momentum warmup: 0.85 to muon_momentum, linearly; none when off
+    monkeypatch.setattr(train_py, "muon_momentum", 0.95)
+    monkeypatch.setattr(train_py, "muon_momentum_warmup", 100)
+    assert [train_py.momentum_at(s) for s in (0, 50, 100, 500)] == pytest.approx([0.85, 0.90, 0.95, 0.95])
+    monkeypatch.setattr(train_py, "muon_momentum_warmup", 0)
+    assert train_py.momentum_at(0) == pytest.approx(0.95)
 
 
 def test_train_bits_per_byte_by_hand(tiny_data, monkeypatch):
@@ -2250,6 +2256,28 @@ def test_train_muon_steps(monkeypatch):
         for n, p in ref.named_parameters():  # the matrices apart, both models stay the same
             if n in hidden:
                 p.data.copy_(m.get_parameter(n))
+
+
+def test_train_muon_split_orthogonalizes_each_part(monkeypatch):
+    # muon_split: the fused q, k, v matrix (and SwiGLU's gate and up) updated as separate
+    # matrices, each orthogonalized (and scaled) on its own; the other matrices as before
+    import train as train_py
+    for key, value in {"optimizer": "muon", "learning_rate": 2e-2, "muon_lr": 0.02, "muon_split": True}.items():
+        monkeypatch.setattr(train_py, key, value)
+    m = tiny("llama")  # 4 query heads, 2 key/value heads of 16: qkv's rows are 64, 32, 32; fc's 256, 256
+    opt = train_py.make_optimizer(m, torch.device("cpu"))
+    assert [g.get("split") for g in opt.param_groups[2:]] == [(64, 32, 32), (256, 256), None]
+    idx = torch.randint(0, 1000, (2, 16))
+    m(idx, idx)[1].backward()
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    opt.step()
+    for name, rows in [("blocks.0.attn.qkv.weight", (64, 32, 32)), ("blocks.1.mlp.fc.weight", (256, 256)),
+                       ("blocks.0.attn.proj.weight", (64,))]:
+        g = 0.05 * grads[name] + 0.95 * (0.05 * grads[name])  # Nesterov on a first step: g + mu * buf
+        step = torch.cat([train_py.orthogonalize(part) * max(1, part.size(0) / part.size(1)) ** 0.5
+                          for part in g.split(rows)])
+        assert torch.allclose(m.get_parameter(name), before[name] - 0.02 * step, atol=1e-6), name
 
 
 def test_train_muon_trains_and_is_exact_under_ddp(tiny_data, tmp_path):

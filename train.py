@@ -90,6 +90,8 @@ micro_batch = 8
 optimizer = ""  # "muon" (the blocks' matrices; AdamW for the rest) or "adamw"; "": muon, but adamw for LoRA, FSDP, fine-tuning
 muon_lr = 0.02  # Muon's peak learning rate; the schedule scales it as it scales learning_rate
 muon_momentum = 0.95
+muon_momentum_warmup = 0  # steps over which Muon's momentum rises from 0.85 to muon_momentum (the speedrun's); 0: off
+muon_split = False  # Muon orthogonalizes q, k and v (and SwiGLU's gate and up) apart, not the fused matrix whole
 learning_rate = 0.0  # AdamW's peak (under Muon: the embeddings, head, norms, biases); 0: 2e-2 with Muon, else 5e-3
 min_lr = 0.0
 warmup_steps = 20
@@ -126,7 +128,7 @@ RUN_OPTIONS = ("attn", "loss_chunk", "activation_checkpointing")
 # settings that may differ from the checkpoint's when resuming; every other one must match it
 CHANGE_ON_RESUME = {"init_from", "out_dir", "data_dir", "overwrite", "max_steps", "learning_rate", "min_lr",
                     "warmup_steps", "schedule", "decay_frac", "weight_decay", "beta1", "beta2", "grad_clip",
-                    "muon_lr", "muon_momentum",
+                    "muon_lr", "muon_momentum", "muon_momentum_warmup",
                     "total_batch_size", "micro_batch", "device", "dtype", "compile", "eval_interval",
                     "eval_tokens", "evals", "evals_interval", "eval_items", "log_interval", "ckpt_interval", "ckpt_minutes",
                     "max_bad_steps", "parallel", "wandb_log", "wandb_project", "wandb_run_name",
@@ -157,6 +159,7 @@ def check_settings(world):
             "adapters are low-rank by design, FSDP's matrices split across processes"),
            ("muon_lr", muon_lr, 0 < muon_lr < math.inf, "a positive number"),
            ("muon_momentum", muon_momentum, 0 <= muon_momentum < 1, "0 to 1 (not 1)"),
+           ("muon_momentum_warmup", muon_momentum_warmup, muon_momentum_warmup >= 0, "0 (off) or more steps"),
            ("dtype", dtype, dtype in ("", *model.DTYPES), f"one of {('', *model.DTYPES)}"),
            ("parallel", parallel, parallel in ("ddp", "fsdp"), "ddp or fsdp"),
            ("eval_interval", eval_interval, eval_interval >= 1, "1 or more"),
@@ -269,6 +272,12 @@ def lr_at(step):
     return min_lr + 0.5 * (learning_rate - min_lr) * (1 + math.cos(math.pi * frac))
 
 
+def momentum_at(step):
+    """Muon's momentum: from 0.85 up to muon_momentum over the first muon_momentum_warmup steps."""
+    frac = min(1.0, step / muon_momentum_warmup) if muon_momentum_warmup else 1.0
+    return 0.85 + (muon_momentum - 0.85) * frac
+
+
 # dense bf16 tensor-core peaks in FLOP/s, from the vendors' data sheets
 PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("A100", 312e12),
               ("L40S", 362e12), ("L4", 121e12), ("4090", 165e12), ("V100", 125e12)]
@@ -364,7 +373,7 @@ def make_optimizer(m, dev):
         if not p.requires_grad:  # under LoRA, all but the adapters
             continue
         if optimizer == "muon" and p.dim() == 2 and name.startswith("blocks."):
-            hidden.append(p)
+            hidden.append((name, p))
         elif p.dim() >= 2 and (decay_embeddings or not name.startswith(("wte.", "wpe.", "value_embeds."))):
             decay.append(p)
         else:
@@ -373,9 +382,23 @@ def make_optimizer(m, dev):
     if optimizer == "adamw":
         opt = torch.optim.AdamW(groups, lr=learning_rate, fused=dev.type == "cuda")
     else:
-        opt = Muon(groups + [{"params": hidden, "muon": True}], lr=learning_rate, betas=(beta1, beta2),
-                   momentum=muon_momentum)
+        opt = Muon(groups + muon_groups(hidden, m.cfg), lr=learning_rate, betas=(beta1, beta2), momentum=muon_momentum)
     return set_hyperparameters(opt)
+
+
+def muon_groups(hidden, cfg):
+    """Muon's groups of (name, matrix): one, or with muon_split three, the fused matrices
+    apart, each with the rows of its parts (`split`): q, k and v in qkv, gate and up in
+    SwiGLU's fc. Whole, a part with a small gradient (k's) gets a small share of the update."""
+    if not muon_split:
+        return [{"params": [p for _, p in hidden], "muon": True}]
+    H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    splits = {"attn.qkv.weight": (H * D, Hkv * D, Hkv * D), "mlp.fc.weight": (cfg.mlp_hidden,) * 2}
+    if cfg.mlp != "swiglu":
+        splits.pop("mlp.fc.weight")
+    return [{"params": [p for n, p in hidden if n.endswith(key)], "muon": True, "split": rows}
+            for key, rows in splits.items()] + \
+        [{"params": [p for n, p in hidden if not n.endswith(tuple(splits))], "muon": True}]
 
 
 def set_hyperparameters(opt):
@@ -425,7 +448,7 @@ class Muon(torch.optim.Optimizer):
             for p in params:  # decoupled weight decay, as AdamW's
                 p.mul_(1 - lr * group["weight_decay"])
             if group["muon"]:
-                self.muon_step(params, lr, group["momentum"])
+                self.muon_step(params, lr, group["momentum"], group.get("split"))
                 continue
             for p in params:  # AdamW, as torch.optim.AdamW computes it
                 state, g, (b1, b2) = self.state[p], p.grad, group["betas"]
@@ -437,22 +460,25 @@ class Muon(torch.optim.Optimizer):
                 denom = (state["exp_avg_sq"] / (1 - b2 ** state["step"])).sqrt_().add_(1e-8)
                 p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1 ** state["step"]))
 
-    def muon_step(self, params, lr, mu):
-        """Muon's update of matrices: the matrices of one shape (the same weight in every
-        block) are orthogonalized together, as one stack: a few large matmuls, not many small."""
-        by_shape = {}
+    def muon_step(self, params, lr, mu, split=None):
+        """Muon's update of matrices, or of parts of them (split: the rows of each): the
+        matrices of one shape (the same weight in every block) are orthogonalized together,
+        as one stack: a few large matmuls, not many small."""
+        by_shape = {}  # shape -> [(matrix, its part, the part's rows)]
         for p in params:
-            by_shape.setdefault(p.shape, []).append(p)
-        for same in by_shape.values():
-            for p in same:
-                if not self.state[p]:
-                    self.state[p]["momentum"] = torch.zeros_like(p)
-                self.state[p]["momentum"].lerp_(p.grad, 1 - mu)  # buf = mu * buf + (1 - mu) * g
-            # Nesterov: a step ahead along the momentum, g + mu * (buf - g)
-            updates = orthogonalize(torch.stack([p.grad.lerp(self.state[p]["momentum"], mu) for p in same]))
-            scale = max(1, same[0].size(0) / same[0].size(1)) ** 0.5  # tall matrices: the same RMS as wide ones
-            for p, update in zip(same, updates):
-                p.add_(update, alpha=-lr * scale)
+            if not self.state[p]:
+                self.state[p]["momentum"] = torch.zeros_like(p)
+            self.state[p]["momentum"].lerp_(p.grad, 1 - mu)  # buf = mu * buf + (1 - mu) * g
+            g = p.grad.lerp(self.state[p]["momentum"], mu)  # Nesterov: a step ahead, g + mu * (buf - g)
+            start = 0
+            for rows in split or (p.size(0),):
+                by_shape.setdefault((rows, p.size(1)), []).append((p, g[start:start + rows], slice(start, start + rows)))
+                start += rows
+        for (rows, cols), same in by_shape.items():
+            updates = orthogonalize(torch.stack([part for _, part, _ in same]))
+            scale = max(1, rows / cols) ** 0.5  # tall matrices: the same RMS as wide ones
+            for (p, _, where), update in zip(same, updates):
+                p[where].add_(update, alpha=-lr * scale)
 
 
 def mixed_precision(dev):
@@ -808,6 +834,8 @@ def loop(r, stop, log_file):
         lr = lr_at(step)
         for group in r.optimizer.param_groups:  # Muon's matrices on the same schedule, from muon_lr
             group["lr"] = lr * muon_lr / learning_rate if group.get("muon") else lr
+            if group.get("muon"):
+                group["momentum"] = momentum_at(step)
         loss, grad_norm, ok = train_step(r.train_model, r.raw_model, r.optimizer, r.scaler, r.train_data, r.accum,
                                          r.autocast, r.dev, r.eot if doc_mask else None)
         bad_steps = 0 if ok else bad_steps + 1
