@@ -322,7 +322,13 @@ def pool_map(fn, jobs, workers):
         for _ in range(workers):
             mine, theirs = multiprocessing.Pipe()
             procs.append(multiprocessing.Process(target=_worker, args=(theirs, fn), daemon=True))
-            procs[-1].start()
+            # a Ctrl-C that lands in fork's after-fork handlers would be "ignored" there, and
+            # lost: held until the worker has started, then raised here
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                procs[-1].start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
             theirs.close()
             conns.append(mine)
         for conn in conns * 2:  # two jobs each: one to work on, one waiting for it

@@ -2515,7 +2515,8 @@ def test_train_logs_to_wandb_offline(tiny_data, tmp_path, monkeypatch):
     for r in logs:
         merged.setdefault(r["step"], {}).update(r)
     assert [(h["_step"], h.get("loss"), h.get("val_bpb")) for h in history] == \
-        [(step, r.get("loss"), r.get("val_bpb")) for step, r in merged.items()]
+        [(step, r.get("loss"), r.get("val_bpb")) for step, r in merged.items()], \
+        ([r.WhichOneof("record_type") for r in records], sorted(str(p) for p in tmp_path.rglob("*")))
     assert len(history) == 5  # steps 0 (an evaluation) to 4
     config = {i.key or ".".join(i.nested_key): json.loads(i.value_json) for r in records if r.HasField("run")
               for i in r.run.config.update}

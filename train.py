@@ -41,7 +41,7 @@ import bpe
 import checkpoint
 import model
 import prepare
-from config import check, configure, setting_names
+from config import atomic_write, check, configure, setting_names
 from evals import evaluate as evaluate_tasks, load_set, log_row
 from model import GPT, GPTConfig
 
@@ -166,7 +166,7 @@ def check_settings(world):
            ("eval_tokens", eval_tokens, eval_tokens >= block_size, f"block_size ({block_size}) or more"),
            ("evals", evals, all(e.strip() in prepare.EVALS for e in evals.split(",") if e.strip()),
             f"a comma-separated list of {', '.join(prepare.EVALS)}, or ''"),
-           ("evals_interval", evals_interval, evals_interval >= 0 and evals_interval % eval_interval == 0,
+           ("evals_interval", evals_interval, evals_interval >= 0 and evals_interval % max(1, eval_interval) == 0,
             f"0 (at every evaluation) or a multiple of eval_interval ({eval_interval})"),
            ("eval_items", eval_items, eval_items >= 0, "0 (all) or more"),
            ("log_interval", log_interval, log_interval >= 1, "1 or more"),
@@ -921,10 +921,17 @@ def catch_signals(ddp):
 
 
 def open_log(r):
-    """out_dir/log.jsonl on process 0, continued when resuming; nothing elsewhere."""
+    """out_dir/log.jsonl on process 0, nothing elsewhere. A resumed run continues it from its
+    checkpoint's step: rows after it were of work that the checkpoint does not hold (a run
+    killed between two saves), and are dropped."""
     if r.rank != 0:
         return contextlib.nullcontext()
-    return open(os.path.join(out_dir, "log.jsonl"), "a" if r.step else "w", encoding="utf-8")
+    path = os.path.join(out_dir, "log.jsonl")
+    if r.step and os.path.exists(path):
+        rows = checkpoint.read_log(path)
+        with atomic_write(path) as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows if row["step"] <= r.step)
+    return open(path, "a" if r.step else "w", encoding="utf-8")
 
 
 def finish(r, step, stop):
