@@ -51,6 +51,7 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 # kept whole, as it would be at the end of the text before it.
 GPT2_DIGITS_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+"""
 EOT = "<|endoftext|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # ChatML's turn markers, special tokens (SmolLM2's tokenizer has them)
 
 
 def _special_regex(specials, reverse=False):
@@ -814,10 +815,54 @@ def _read_text(path):
                          "train it again with bpe.py or prepare.py") from None
 
 
+def with_specials(tok, names):
+    """The Tokenizer tok with the special tokens `names` that it lacks added, after its
+    last id: the same ids for all else, so a model of tok grows rather than changes."""
+    extra = [n for n in names if n not in tok.special_tokens]
+    added = {n: tok.n_vocab + k for k, n in enumerate(extra)}
+    return Tokenizer(tok.ranks, tok.merges, {**tok.special_tokens, **added}, tok.pattern)
+
+
+# -----------------------------------------------------------------------------
+# Conversations, in ChatML: <|im_start|>role\ncontent<|im_end|>\n for each message
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+# the same as a Jinja template, as Hugging Face's tokenizer_config.json holds it (hf.py exports it)
+
+
+def render_chat(enc, messages, generation=False):
+    """A conversation as token ids, after the end-of-text token that starts every document,
+    and which of them the model learns to predict (1): the assistant's content and its
+    <|im_end|>, not what the system or the user say, nor the markers around them.
+    generation: end with an assistant's <|im_start|>, for the model to reply.
+    enc: a tiktoken.Encoding with <|im_start|> and <|im_end|> among its special tokens."""
+    if not {IM_START, IM_END} <= enc.special_tokens_set:
+        raise ValueError(f"this tokenizer has no {IM_START} and {IM_END} tokens, which conversations need: a model "
+                         "fine-tuned on conversations that prepare.py made has them (README: Talk to it)")
+    start, end, newline = enc.encode_single_token(IM_START), enc.encode_single_token(IM_END), enc.encode_ordinary("\n")
+    ids, targets = [enc.eot_token], [0]
+    for message in messages:
+        head, body = [start] + enc.encode_ordinary(message["role"] + "\n"), enc.encode_ordinary(message["content"]) + [end]
+        ids += head + body + newline
+        targets += [0] * len(head) + [int(message["role"] == "assistant")] * len(body) + [0] * len(newline)
+    if generation:
+        head = [start] + enc.encode_ordinary("assistant\n")
+        ids, targets = ids + head, targets + [0] * len(head)
+    return ids, targets
+
+
 def same_tokenizer(a, b):
     """Whether two tiktoken.Encodings give the same ids for every text: the same tokens,
     special tokens and split pattern (tiktoken keeps these in attributes of its own)."""
     return (a._mergeable_ranks, a._special_tokens, a._pat_str) == (b._mergeable_ranks, b._special_tokens, b._pat_str)
+
+
+def extends(a, b):
+    """Whether tiktoken.Encoding b is a with special tokens added: every text a encodes gets
+    the same ids from b, so a model of a can learn b's data once its vocabulary grows."""
+    return (a._mergeable_ranks, a._pat_str) == (b._mergeable_ranks, b._pat_str) and \
+        a._special_tokens.items() <= b._special_tokens.items() and b.n_vocab >= a.n_vocab
 
 
 def load_tokenizer(name, directory=None, files=None, where=None, fast=True):

@@ -45,7 +45,7 @@ import bpe
 import hf
 import prepare
 from config import atomic_write
-from model import GPT, GPTConfig, add_lora, merge_lora
+from model import GPT, GPTConfig, add_lora, grow_vocab, merge_lora
 
 # -----------------------------------------------------------------------------
 # Save
@@ -255,7 +255,7 @@ def model_from_checkpoint(ckpt, weights=True):
         if fingerprint(model) != lora["fingerprint"]:
             raise ValueError(f"the LoRA base {lora['base']} is not the model the adapters were trained on "
                              "(its weights changed); restore it, or train the adapters again")
-        add_lora(model, lora["rank"], lora["alpha"], lora["dropout"], lora["targets"], lora["variant"])
+        with_adapters(model, lora)
     if not weights:
         return model
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -347,11 +347,27 @@ def base_name(name_or_path):
     return os.path.abspath(name_or_path) if os.path.exists(name_or_path) else name_or_path
 
 
-def lora_record(base, m, rank, alpha, dropout, targets, variant):
+def lora_record(base, m, rank, alpha, dropout, targets, variant, vocab_size):
     """What a LoRA checkpoint keeps besides its adapters: their settings, and their frozen
-    base, m, by where it comes from (base_name) and by its fingerprint."""
-    return {"base": base_name(base), "fingerprint": fingerprint(m),
-            "rank": rank, "alpha": alpha, "dropout": dropout, "targets": targets, "variant": variant}
+    base, m, by where it comes from (base_name) and by its fingerprint; vocab_size: the
+    data's, when it has tokens the base lacks (a chat's)."""
+    return {"base": base_name(base), "fingerprint": fingerprint(m), "rank": rank, "alpha": alpha,
+            "dropout": dropout, "targets": targets, "variant": variant, "vocab_size": max(vocab_size, m.cfg.vocab_size)}
+
+
+def with_adapters(m, lora):
+    """m, a LoRA run's base, as the run trains it: the adapters on and, where the data has
+    new tokens, its vocabulary grown. Then the token tables train whole too (as PEFT's
+    modules_to_save): frozen, every new token would keep the same row, the mean, and the
+    model could not tell <|im_start|> from <|im_end|>. They are saved with the adapters."""
+    vocab = lora.get("vocab_size", m.cfg.vocab_size)  # (older records lack it)
+    grown = vocab > m.cfg.vocab_size
+    grow_vocab(m, vocab)
+    add_lora(m, lora["rank"], lora["alpha"], lora["dropout"], lora["targets"], lora["variant"])
+    for table in (m.wte, m.lm_head, *(m.value_embeds or [])) if grown else ():
+        if table is not None:
+            table.requires_grad_(True)
+    return m
 
 
 def tokenizer_spec(directory, name):
@@ -380,7 +396,9 @@ def fingerprint(model):
 
 def export(path, out, dtype="fp32", license="", overwrite=False):
     """Writes the checkpoint at path as a Hugging Face model directory (hf.export), its
-    model card filled from the checkpoint and the log.jsonl beside it. Returns the class."""
+    model card filled from the checkpoint and the log.jsonl beside it. Returns the class.
+    path: a checkpoint file, or a run's directory (its ckpt.pt)."""
+    path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
     ckpt = load_checkpoint(path)
     m = merge_lora(model_from_checkpoint(ckpt))
     s, lora = ckpt["settings"], ckpt.get("lora")

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import bpe
 import checkpoint
 import model
 import prepare
@@ -42,7 +43,7 @@ from config import check, configure
 # settings: these defaults, then a config file, then --key=value (config/__init__.py)
 init_from = "resume"  # "resume": out_dir/ckpt.pt; a checkpoint file or run directory; a pretrained name or directory
 out_dir = "out/quickstart"
-evals = "hellaswag"  # evaluation sets, comma-separated: hellaswag, core (prepare.py's EVALS)
+evals = "hellaswag"  # evaluation sets, comma-separated: hellaswag, core (prepare.py's EVALS), or a chat dataset
 max_items = 0  # items per task, the first of a fixed shuffle; 0: all
 batch = 16  # sequences per forward pass
 data_dir = "data"  # the sets are in data_dir/evals/, prepared there when missing
@@ -51,8 +52,8 @@ dtype = ""  # "" picks bf16 on CUDA, fp32 elsewhere
 
 
 def check_settings():
-    check([("evals", evals, bool(set_names(evals)) and all(e in prepare.EVALS for e in set_names(evals)),
-            f"a comma-separated list of {', '.join(prepare.EVALS)}"),
+    check([("evals", evals, bool(set_names(evals)) and all(known(e, data_dir) for e in set_names(evals)),
+            f"a comma-separated list of {KNOWN}"),
            ("max_items", max_items, max_items >= 0, "0 (all) or more"),
            ("batch", batch, batch >= 1, "1 or more"),
            ("dtype", dtype, dtype in ("", *model.DTYPES), f"one of {('', *model.DTYPES)}")])
@@ -61,12 +62,30 @@ def check_settings():
 def set_names(text):
     return [n.strip() for n in text.split(",") if n.strip()]
 
+
+def known(name, directory):
+    """Whether evals can name this: a set of prepare.py's EVALS, or a conversation dataset
+    prepared in directory (its val.jsonl)."""
+    return name in prepare.EVALS or os.path.exists(os.path.join(directory, prepare.dataset_name(name), "val.jsonl"))
+
+
+KNOWN = f"{', '.join(prepare.EVALS)}, or a conversation dataset prepared in data_dir (python prepare.py --dataset=stdlib_chat)"
+
 # -----------------------------------------------------------------------------
 # Tasks: their items, the prompts they make, and the tokens that are scored
 
 
 def load_set(name, directory):
-    """{task: (its settings, its items)} of an evaluation set that prepare.py prepared."""
+    """{task: (its settings, its items)} of an evaluation set that prepare.py prepared. A
+    conversation dataset's name (prepare.py --dataset=stdlib_chat) is one task of "chat"
+    items, its val conversations: is each one's last reply, greedily decoded, exactly it?"""
+    chats = os.path.join(directory, prepare.dataset_name(name), "val.jsonl")
+    if name not in prepare.EVALS:
+        if not os.path.exists(chats):
+            raise FileNotFoundError(f"{name}: not an evaluation set ({', '.join(prepare.EVALS)}) nor a prepared "
+                                    f"conversation dataset (no {chats}): python prepare.py --dataset={name}")
+        meta = {"kind": "chat", "fewshot": 0, "random": 0, "delimiter": "", "file": chats}
+        return {name: (meta, [{"messages": m} for m in prepare.read_chats(chats)])}
     where = os.path.join(directory, "evals", name)
     if not os.path.exists(os.path.join(where, "tasks.json")):
         raise FileNotFoundError(f"{where}/tasks.json not found: prepare it with python prepare.py --evals={name}")
@@ -109,10 +128,16 @@ def requests(meta, items, enc, block_size):
     bos = [enc.eot_token] if meta.get("bos") and "<|endoftext|>" in enc.special_tokens_set else []
     out = []
     for i, item in enumerate(items):
-        for prompt, answer in render(item, meta, fewshot(items, i, meta["fewshot"])):
-            ids = bos + enc.encode_ordinary(prompt)
+        if meta["kind"] == "chat":  # in ChatML, as it was tuned: the reply, and then that it ends
+            *question, reply = item["messages"]
+            pairs = [(bpe.render_chat(enc, question, generation=True)[0],
+                      enc.encode_ordinary(reply["content"]) + [enc.encode_single_token(bpe.IM_END)])]
+        else:
+            pairs = [(bos + enc.encode_ordinary(prompt), enc.encode_ordinary(answer))
+                     for prompt, answer in render(item, meta, fewshot(items, i, meta["fewshot"]))]
+        for ids, answer in pairs:
             start = len(ids)
-            ids += enc.encode_ordinary(answer)
+            ids = ids + answer
             cut = max(0, len(ids) - block_size)
             out.append((i, ids[cut:], max(1, start - cut), len(ids) - cut))
     return out
@@ -146,7 +171,7 @@ def grade(kind, gold, scored):
     """(right by the summed loss, right by the mean loss) of one item, from its sequences'
     (losses, greedy) in order. grade("choice", 1, [(tensor([1., 1., 1.]), _), (tensor([2.]), _)])
     -> (True, False): the second choice has the lower sum (2 < 3), the first the lower mean (1 < 2)."""
-    if kind == "lm":
+    if kind in ("lm", "chat"):
         return scored[0][1], scored[0][1]
     sums = [float(loss.sum()) for loss, _ in scored]
     means = [float(loss.mean()) for loss, _ in scored]

@@ -248,7 +248,9 @@ def from_pretrained(name_or_dir):
             raise ValueError(f"{path}: tensor {theirs!r} has no place in the model")
         target = ours[name]
         if name in ("wte.weight", "lm_head.weight") and t.shape[0] <= target.shape[0]:
-            target = target[:t.shape[0]]  # the padded rows stay as initialised
+            with torch.no_grad():  # the padded rows: zeros, never read, and the same at every load (fingerprint)
+                target[t.shape[0]:].zero_()
+            target = target[:t.shape[0]]
         if t.shape != target.shape:
             raise ValueError(f"{path}: tensor {theirs!r} has shape {tuple(t.shape)}, the model "
                              f"expects {tuple(target.shape)}")
@@ -285,7 +287,8 @@ def tokenizer_json(tok):
     return json.dumps({
         "version": "1.0", "truncation": None, "padding": None, "normalizer": None, "pre_tokenizer": pre,
         "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-                          "normalized": False, "special": True} for s, i in sorted(tok.special_tokens.items())],
+                          "normalized": False, "special": True}  # in id order: tokenizers numbers them so
+                         for s, i in sorted(tok.special_tokens.items(), key=lambda kv: kv[1])],
         "post_processor": None, "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
                                             "use_regex": True},
         # ignore_merges: a word that is a token whole is that token, as tiktoken (and encode) do
@@ -414,13 +417,18 @@ def export(m, out, tok_name, tok_files, facts, dtype="fp32", overwrite=False):
         hf, route = custom_config(m.cfg, eot), str(why)
         weights = {f"gpt.{k}": v for k, v in m.state_dict().items()}
     hf["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
+    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    if eot is not None:
+        tok_config |= {"bos_token": bpe.EOT, "eos_token": bpe.EOT, "model_max_length": m.cfg.block_size,
+                       "clean_up_tokenization_spaces": False}
+    stops = eot
+    if {bpe.IM_START, bpe.IM_END} <= tok.special_tokens.keys():  # tuned on conversations: ChatML, ending its turns
+        tok_config |= {"chat_template": bpe.CHATML, "eos_token": bpe.IM_END}
+        stops = [tok.special_tokens[bpe.IM_END]] + ([eot] if eot is not None else [])
     files = {"config.json": json.dumps(hf, indent=2),
-             "generation_config.json": json.dumps({"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot,
+             "generation_config.json": json.dumps({"bos_token_id": eot, "eos_token_id": stops, "pad_token_id": eot,
                                                    "max_length": m.cfg.block_size}, indent=2),
-             "tokenizer_config.json": json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bpe.EOT,
-                                                  "eos_token": bpe.EOT, "model_max_length": m.cfg.block_size,
-                                                  "clean_up_tokenization_spaces": False} if eot is not None else
-                                                 {"tokenizer_class": "PreTrainedTokenizerFast"}, indent=2),
+             "tokenizer_config.json": json.dumps(tok_config, indent=2),
              # a pretrained model's own tokenizer.json goes as it was; any other is written anew
              "tokenizer.json": tok_files.get("tokenizer.json") or tokenizer_json(tok)}
     if tok_name in ("gpt2", "vocab.json"):  # GPT-2's own two files too, for its slow tokenizer

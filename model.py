@@ -564,6 +564,31 @@ def merge_lora(model):
                     setattr(parent, name, child.merged())
     return model.requires_grad_(True)
 
+
+def grow_vocab(model, vocab_size):
+    """The model with vocab_size tokens: the new ids (special tokens added to its tokenizer,
+    such as a chat's <|im_start|>) get rows of the token tables, each the mean of the old
+    rows, so that they start as an average token rather than noise that swamps the logits
+    (as transformers' resize_token_embeddings does). The old ids keep their rows."""
+    cfg, old = model.cfg, model.cfg.vocab_size
+    if vocab_size < old:
+        raise ValueError(f"vocab_size={vocab_size}: the model has {old} tokens already, and does not shrink")
+    cfg.vocab_size = vocab_size  # (padded_vocab follows)
+    with torch.no_grad():
+        for table in [model.wte, model.lm_head, *(model.value_embeds or [])]:
+            if table is None or vocab_size == old:
+                continue
+            w = table.weight  # (old padded vocab, C)
+            grown = torch.empty(max(cfg.padded_vocab, w.shape[0]), w.shape[1], dtype=w.dtype, device=w.device)
+            grown[:old] = w[:old]
+            grown[old:] = w[:old].mean(0)  # the new rows, and the padding (never an output: masked to -inf)
+            table.weight = nn.Parameter(grown, requires_grad=w.requires_grad)
+            if isinstance(table, nn.Embedding):
+                table.num_embeddings = len(grown)
+            else:
+                table.out_features = len(grown)
+    return model
+
 # -----------------------------------------------------------------------------
 # Where it runs: the device and the dtype (train.py, sample.py and the rest choose here)
 

@@ -20,6 +20,7 @@ import errno
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -60,6 +61,9 @@ HF = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 DATASETS = {
     # offline: this Python's standard library source, one document per .py file
     "stdlib": dict(tokenizer="bpe:4096"),
+    # offline conversations made from the stdlib (stdlib_chats): a function's name from its docstring,
+    # and names reversed, in the quickstart's tokenizer (the chat tokens added), to fine-tune its model
+    "stdlib_chat": dict(tokenizer="stdlib", chat=True),  # a dataset's name: its prepared tokenizer
     # one text; the first 90% is train
     "shakespeare": dict(text="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
                         size=1115394, tokenizer="gpt2"),
@@ -268,8 +272,8 @@ def prepare_evals(names, directory):
     and a JSONL file per task in directory/evals/<name>/ (tasks.json last)."""
     for name in names:
         out = os.path.join(directory, "evals", name)
-        if os.path.exists(os.path.join(out, "tasks.json")):
-            continue
+        if name not in EVALS or os.path.exists(os.path.join(out, "tasks.json")):
+            continue  # (a conversation dataset's val split is prepared with it: evals.load_set)
         raw = download(EVALS[name], os.path.join(directory, "evals", "raw", EVALS[name].rsplit("/", 1)[-1]))
         os.makedirs(out, exist_ok=True)
         tasks = convert_hellaswag(raw, out) if name == "hellaswag" else convert_core(raw, out)
@@ -357,6 +361,9 @@ def pretrained_tokenizer(name_or_dir):
 
 HEADER_INTS = 256
 FORMATS = {np.dtype(np.uint16): (20240520, 1), np.dtype(np.uint32): (20240801, 7)}  # dtype -> (magic, version)
+# a conversation dataset's shards have a targets file each, {split}_NNNNNN.mask: the same header
+# (its magic ours), then a byte a token, 1 where the token is one the model learns to predict
+FORMATS[np.dtype(np.uint8)] = (20241203, 1)
 
 
 def token_dtype(vocab_size):
@@ -372,10 +379,21 @@ def write_shard(path, tokens, dtype):
         f.write(np.asarray(tokens, dtype=np.dtype(dtype).newbyteorder("<")).tobytes())
 
 
-def shard_paths(directory, split):
-    """The shards of a split in a prepared dataset's directory, in order."""
+def shard_paths(directory, split, kind=".bin"):
+    """The shards of a split in a prepared dataset's directory, in order (kind=".mask":
+    their targets files)."""
     return sorted(os.path.join(directory, f) for f in os.listdir(directory)
-                  if f.startswith(split + "_") and f.endswith(".bin"))
+                  if f.startswith(split + "_") and f.endswith(kind))
+
+
+def read_targets(path):
+    """A shard's targets (a conversation dataset's), checked against the shard: 1 where
+    its token is a target."""
+    mask, tokens = read_shard(path.removesuffix(".bin") + ".mask"), read_shard(path)
+    if mask.dtype != np.uint8 or len(mask) != len(tokens):
+        raise ValueError(f"{path}: its .mask does not fit it ({len(mask)} of {len(tokens)} tokens); delete both and "
+                         "run prepare.py again")
+    return mask
 
 
 def read_shard(path):
@@ -501,6 +519,96 @@ def own_docs(split):
             yield doc
 
 
+# Conversations: {"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]} a line
+
+
+def is_chat(path):
+    """Whether a file of your own holds conversations: a JSONL file whose lines have messages."""
+    if not str(path).endswith((".jsonl", ".jsonl.gz")) or not os.path.isfile(path):
+        return False
+    first = next((line for line in _lines(path) if line.strip()), "{}")
+    try:
+        return "messages" in json.loads(first)
+    except ValueError:
+        return False
+
+
+def read_chats(path):
+    """The conversations of a JSONL file, checked: an error names the line and what is wrong."""
+    for n, line in enumerate(_lines(path), 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {n}"
+        try:
+            messages = json.loads(line)["messages"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{where}: not a conversation ({type(e).__name__}: {e}); each line is "
+                             '{"messages": [{"role": "user", "content": "..."}, ...]}') from None
+        check_chat(messages, where)
+        yield messages
+
+
+def check_chat(messages, where):
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: an empty conversation (no messages)")
+    for k, m in enumerate(messages, 1):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise ValueError(f"{where}: message {k} has no content (text)")
+        if m.get("role") not in ("system", "user", "assistant"):
+            raise ValueError(f"{where}: message {k} has the role {m.get('role')!r}: choose system, user or assistant")
+        if m["role"] == "system" and k > 1:
+            raise ValueError(f"{where}: message {k} is the system's: a system message comes first, or not at all")
+    if messages[-1]["role"] != "assistant":
+        raise ValueError(f"{where}: the conversation ends on a {messages[-1]['role']} turn: its last message must be "
+                         "the assistant's, which is what the model learns")
+
+
+def stdlib_chats(split):
+    """Conversations made offline from this Python's standard library, of two kinds in
+    turn: a public function's docstring's first line, for which the assistant gives the
+    function's name (knowledge of the code, which the base model has seen); and 3 to 5 such
+    names, which it gives back in reverse order (a skill: nothing to know, all to learn).
+    A fixed 10% of the functions (by a hash of the name and the line) is val; a line that
+    two functions share is left out (its answer would be ambiguous)."""
+    import ast
+    import collections
+    found = collections.defaultdict(set)
+    for text in stdlib_docs("train"):
+        try:
+            tree = ast.parse(text)
+        except (SyntaxError, ValueError):
+            continue  # a few files are Python 2, or test data
+        for node in ast.walk(tree):
+            doc = ast.get_docstring(node) if isinstance(node, ast.FunctionDef) else None
+            line = doc.strip().splitlines()[0].strip() if doc and doc.strip() else ""
+            if line[:1].isalpha() and not node.name.startswith("_") and 20 <= len(line) <= 100 and node.name not in line:
+                found[line].add(node.name)
+    words = sorted({name for names in found.values() for name in names})
+    rng = random.Random(f"stdlib_chat {split}")  # the reversals: their own per split
+    for line, names in sorted(found.items()):
+        if len(names) == 1:
+            name = min(names)
+            is_val = int(hashlib.sha1(f"{name}:{line}".encode()).hexdigest(), 16) % 10 == 0
+            if is_val == (split == "val"):
+                yield [{"role": "user", "content": f"Which function does this? {line}"},
+                       {"role": "assistant", "content": name}]
+                some = rng.sample(words, rng.randint(3, 5))
+                yield [{"role": "user", "content": f"Reverse these words: {' '.join(some)}"},
+                       {"role": "assistant", "content": " ".join(reversed(some))}]
+
+
+def chat_documents(split):
+    """The conversations of a split: generated (stdlib_chat), or your own, each going to
+    val with probability val_fraction by a hash of it."""
+    if dataset in DATASETS:
+        yield from stdlib_chats(split)
+        return
+    for messages in read_chats(dataset):
+        h = int.from_bytes(hashlib.sha1(json.dumps(messages).encode()).digest()[:8], "little")
+        if (h < val_fraction * 2 ** 64) == (split == "val"):
+            yield messages
+
+
 def dataset_name(name_or_path):
     """The directory name under data_dir: a named dataset's name, or a file's or folder's
     name without its extensions (my/corpus.txt.gz -> corpus)."""
@@ -617,8 +725,10 @@ def eval_examples(name, enc):
 
 def eval_sets():
     """The evaluation sets to decontaminate against: the setting's, or else the dataset's
-    own val split, for datasets of many documents (not one text, not pre-tokenized shards)."""
-    chosen = decontaminate or ("none" if {"text", "shards"} & set(DATASETS.get(dataset, {})) else "val")
+    own val split, for datasets of many documents (not one text, not pre-tokenized shards,
+    not conversations)."""
+    chat = DATASETS.get(dataset, {}).get("chat") or is_chat(dataset)
+    chosen = decontaminate or ("none" if {"text", "shards"} & set(DATASETS.get(dataset, {})) or chat else "val")
     return [] if chosen == "none" else [x.strip() for x in chosen.split(",") if x.strip()]
 
 
@@ -741,9 +851,14 @@ def check_settings():
     own = dataset not in DATASETS
     if own and not os.path.exists(dataset):
         raise SystemExit(f"error: {unknown_dataset(dataset)}")
-    if own and next(read_docs(dataset), None) is None:
+    if own and not is_chat(dataset) and next(read_docs(dataset), None) is None:
         raise SystemExit(f"error: {dataset} holds no documents (it is empty, or only whitespace)")
     spec = tokenizer or ("gpt2" if own else DATASETS[dataset]["tokenizer"])
+    if spec in DATASETS:  # a named dataset's tokenizer, as prepared
+        spec = os.path.join(data_dir, spec)
+        if not os.path.exists(os.path.join(spec, "meta.json")):
+            raise SystemExit(f"error: {dataset} uses the tokenizer of {spec}, which is not prepared: python prepare.py "
+                             f"--dataset={os.path.basename(spec)} first")
     eval_list = eval_sets()
     out = os.path.abspath(os.path.join(data_dir, dataset_name(dataset)))
     check([("dataset", dataset, not own or dataset_name(dataset) not in DATASETS,
@@ -790,7 +905,9 @@ def prepare():
         os.remove(meta_path)  # outdated: until it is rewritten, nothing here looks complete
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
-    meta = fetch_shards(info["shards"], out) if "shards" in info else tokenize_dataset(out, spec)
+    chat = info.get("chat") or is_chat(dataset)
+    meta = fetch_shards(info["shards"], out) if "shards" in info else \
+        tokenize_chats(out, spec) if chat else tokenize_dataset(out, spec)
     meta["settings"] = asked
     with atomic_write(meta_path) as f:  # written last, so a dataset with a meta.json is complete
         json.dump(meta, f, indent=1)
@@ -832,6 +949,65 @@ def tokenize_dataset(out, spec):
     if decon:
         meta["decontamination"] = decontamination_report(rows, meta["train"], dropped)
     return meta
+
+
+def tokenize_chats(out, spec):
+    """A conversation dataset: its tokenizer, with <|im_start|> and <|im_end|> added where it
+    lacks them (a BPE trained here gets them; a model's then grows by two tokens), and per
+    split shards of whole conversations with their targets files (read_targets)."""
+    for name in os.listdir(out):
+        if name.endswith((".bin", ".mask")):
+            os.remove(os.path.join(out, name))  # shards of an earlier run
+    specials = [bpe.EOT, bpe.IM_START, bpe.IM_END]
+    if spec.startswith("bpe:"):
+        texts = ("\n".join(m["content"] for m in c) for c in limited(chat_documents("train")))
+        tok = bpe.train(texts, int(spec[4:]), specials)
+    else:
+        name, directory = ("gpt2", None) if spec == "gpt2" else pretrained_tokenizer(spec)
+        tok = bpe.load_tokenizer(name, directory, fast=False)
+    if not spec.startswith("bpe:") and directory and set(specials) <= tok.special_tokens.keys():
+        for file in tokenizer_files(name):  # it has them (SmolLM2's): its own files, as they are
+            shutil.copy(os.path.join(directory, file), os.path.join(out, file))
+    else:
+        name = "tokenizer.bpe"
+        bpe.with_specials(tok, specials).save(os.path.join(out, name))  # the same ids, maybe two more
+    enc = bpe.load_tokenizer(name, out)
+    n_bytes, dtype = token_bytes(enc), token_dtype(enc.n_vocab)
+    meta = {"dataset": dataset_name(dataset), "tokenizer": name, "vocab_size": enc.n_vocab, "eot_id": enc.eot_token,
+            "chat": True}
+    for split in ("val", "train"):
+        counts, ids, targets, shard = dict(tokens=0, documents=0, bytes=0, targets=0), [], [], 0
+        for messages in limited(chat_documents(split)):
+            more, mask = bpe.render_chat(enc, messages)
+            ids += more
+            targets += mask
+            counts["documents"] += 1
+            if len(ids) >= shard_size:  # shards end between conversations
+                shard = write_chat_shard(out, split, shard, ids, targets, dtype)
+                ids, targets = [], []
+        if not counts["documents"]:
+            raise ValueError(f"the {split} split of {dataset} has no conversations" +
+                             (f"; raise val_fraction (now {val_fraction})" if dataset not in DATASETS else ""))
+        if ids:
+            shard = write_chat_shard(out, split, shard, ids, targets, dtype)
+        for path in shard_paths(out, split):  # the counts, from what was written
+            tokens, mask = read_shard(path), read_targets(path).astype(bool)
+            counts["tokens"] += len(tokens)
+            counts["targets"] += int(mask.sum())
+            counts["bytes"] += int(n_bytes[tokens[mask]].sum())  # bits per byte: of the text learned
+        meta[split] = counts
+        if split == "val":  # as text too: evals.py asks the model each one's last question
+            write_items(os.path.join(out, "val.jsonl"), ({"messages": m} for m in limited(chat_documents("val"))))
+        print(f"{split}: {counts['documents']:,} conversations, {counts['tokens']:,} tokens ({counts['targets']:,} "
+              f"targets) in {shard} shard(s)", flush=True)
+    return meta
+
+
+def write_chat_shard(out, split, shard, ids, targets, dtype):
+    """Writes whole conversations as one shard and its targets; the next shard's number."""
+    write_shard(os.path.join(out, f"{split}_{shard:06d}.bin"), ids, dtype)
+    write_shard(os.path.join(out, f"{split}_{shard:06d}.mask"), targets, np.uint8)
+    return shard + 1
 
 
 def fetch_shards(url, out):

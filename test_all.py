@@ -2055,11 +2055,12 @@ def test_train_bits_per_byte_by_hand(tiny_data, monkeypatch):
     # evaluate(): the loss of every target, and bits per byte = nats / ln 2 / bytes of the targets' text,
     # against the same sums done here in fp64, over 3 sequences in batches of 2 (uneven)
     val = train_py.val_sequences(directory, 32, 3)
-    assert val.shape == (3, 33) and (val[0] == prepare.read_shard(directory / "val_000000.bin")[:33]).all()
+    assert val.shape == (3, 2, 33) and (val[0, 0] == prepare.read_shard(directory / "val_000000.bin")[:33]).all()
+    assert (val[:, 0] == val[:, 1]).all()  # plain text: every token is a target
     m = tiny("gpt2", vocab_size=300, block_size=32)
     monkeypatch.setattr(train_py, "micro_batch", 2)
     loss, bpb = train_py.evaluate(m, val, torch.from_numpy(n_bytes), contextlib.nullcontext(), None, 0, 1, False)
-    x, y = torch.from_numpy(val[:, :-1]), torch.from_numpy(val[:, 1:])
+    x, y = torch.from_numpy(val[:, 0, :-1]), torch.from_numpy(val[:, 0, 1:])
     with torch.no_grad():
         logp = torch.log_softmax(m(x, all_logits=True)[0].double(), -1)
     nats = -logp.gather(-1, y[..., None]).sum().item()
@@ -2120,9 +2121,9 @@ def test_train_document_masking_and_bf16_on_cpu(tiny_data, tmp_path):
     m = checkpoint.load_model(str(tmp_path / "docs"))[0].eval().double()
     eot = prepare.load_meta(tmp_path / "data" / "short")[0]["eot_id"]
     val = train_py.val_sequences(tmp_path / "data" / "short", 32, 1024 // 32)
-    assert (val[:, 1:-1] == eot).sum() >= 5  # documents start within sequences
+    assert (val[:, 0, 1:-1] == eot).sum() >= 5  # documents start within sequences
     nats = count = 0
-    for seq in torch.from_numpy(val):
+    for seq in torch.from_numpy(val[:, 0]):
         x, y = seq[:-1], seq[1:]
         cuts = [0] + [i for i in range(1, 32) if x[i] == eot] + [32]  # where documents start
         for a, b in zip(cuts, cuts[1:]):
@@ -3486,6 +3487,394 @@ def test_evals_command_line_ddp_and_in_training(tiny_data, tiny_checkpoint, tmp_
                      ("--max_items=-1", "max_items=-1")]:
         run = script("evals.py", *args, bad)
         assert run.returncode == 1 and msg in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+# -----------------------------------------------------------------------------
+# Conversations: ChatML, targets, packing, fine-tuning on them, and talking to the model
+
+
+def chat_tokenizer(base, tmp_path):
+    """The tiktoken.Encoding that prepare.py makes of a bpe.Tokenizer for conversations."""
+    bpe.with_specials(base, [bpe.EOT, bpe.IM_START, bpe.IM_END]).save(tmp_path / "chat.bpe")
+    return bpe.load_tokenizer("chat.bpe", tmp_path)
+
+
+def test_chat_template_and_targets_by_hand(gpt2, tmp_path):
+    # GPT-2's tokenizer with the two ChatML tokens added after its 50257: the ids written out
+    # here by hand, token by token, and which of them are targets (the assistant's, its end too)
+    enc = chat_tokenizer(bpe.Tokenizer.from_tiktoken(gpt2[2]), tmp_path)
+    assert (enc.n_vocab, enc.eot_token, enc.encode_single_token(bpe.IM_START), enc.encode_single_token(bpe.IM_END)) \
+        == (50259, 50256, 50257, 50258)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"},
+                {"role": "assistant", "content": "It is 4."}, {"role": "user", "content": "And 3 + 3?"},
+                {"role": "assistant", "content": "6"}]
+    S, E, NL = 50257, 50258, 198  # <|im_start|>, <|im_end|>, "\n"
+    expect = [(50256, 0),  # <|endoftext|> starts the document
+              (S, 0), (10057, 0), (NL, 0), (3856, 0), (4506, 0), (13, 0), (E, 0), (NL, 0),  # system\nBe brief.
+              (S, 0), (7220, 0), (NL, 0), (2061, 0), (318, 0), (362, 0), (1343, 0), (362, 0), (30, 0), (E, 0), (NL, 0),
+              (S, 0), (562, 0), (10167, 0), (NL, 0), (1026, 1), (318, 1), (604, 1), (13, 1), (E, 1), (NL, 0),  # It is 4.
+              (S, 0), (7220, 0), (NL, 0), (1870, 0), (513, 0), (1343, 0), (513, 0), (30, 0), (E, 0), (NL, 0),
+              (S, 0), (562, 0), (10167, 0), (NL, 0), (21, 1), (E, 1), (NL, 0)]  # 6<|im_end|>
+    ids, targets = bpe.render_chat(enc, messages)
+    assert list(zip(ids, targets)) == expect
+    # the same as the whole ChatML text through tiktoken; a generation prompt ends in the assistant's header
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    assert ids == enc.encode(bpe.EOT + text, allowed_special="all")
+    assert bpe.render_chat(enc, messages[:4], generation=True)[0] == [i for i, _ in expect[:-3]]
+    with pytest.raises(ValueError, match="no <|im_start|> and <|im_end|> tokens"):
+        bpe.render_chat(gpt2[2], messages)
+    # a tokenizer that has them already (SmolLM2's) keeps its ids; ours gets them after its last
+    again = bpe.with_specials(bpe.Tokenizer.load(tmp_path / "chat.bpe"), [bpe.EOT, bpe.IM_START, bpe.IM_END])
+    assert again.special_tokens == {bpe.EOT: 50256, bpe.IM_START: 50257, bpe.IM_END: 50258}
+
+
+def addition_chats(rng, n):
+    """n conversations: a sum of two digits, and sometimes a system message and a second
+    turn (these are longer than TINY's rows of 33 tokens)."""
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        messages = [{"role": "system", "content": "Be brief."}] if rng.random() < 0.2 else []
+        messages += [{"role": "user", "content": f"{a}+{b}?"}, {"role": "assistant", "content": str(a + b)}]
+        if rng.random() < 0.15:
+            messages += [{"role": "user", "content": "and times?"}, {"role": "assistant", "content": str(a * b)}]
+        out.append({"messages": messages})
+    return out
+
+
+@pytest.fixture(scope="session")
+def chat_data(tiny_data, tmp_path_factory):
+    """600 conversations, prepared in tiny_data's tokenizer (300 tokens, and the two added):
+    (the data_dir, the JSONL file, the conversations)."""
+    d = tmp_path_factory.mktemp("chat")
+    chats = addition_chats(random.Random(5), 600)
+    (d / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    run = process("prepare.py", f"--dataset={d / 'chats.jsonl'}", f"--tokenizer={tiny_data / 'stdlib'}",
+                  f"--data_dir={d}", "--val_fraction=0.1")
+    assert run.returncode == 0, run.stderr
+    return d, d / "chats.jsonl", chats
+
+
+def test_chat_prepare_shards_targets_and_bad_lines(chat_data, tmp_path):
+    d, path, chats = chat_data
+    meta, enc = prepare.load_meta(d / "chats")
+    assert meta["chat"] and meta["vocab_size"] == 302 and enc.encode_single_token(bpe.IM_END) == 301
+    # the shards: every conversation rendered whole, in file order within each split; the
+    # targets file marks the assistants' tokens, and the counts are of those
+    val = [json.loads(line)["messages"] for line in open(d / "chats" / "val.jsonl")]
+    train_part = [c["messages"] for c in chats if c["messages"] not in val]
+    assert 30 <= len(val) <= 90 and len(train_part) + len(val) == len(chats)
+    for split, convs in [("val", val), ("train", train_part)]:
+        tokens = np.concatenate([prepare.read_shard(p) for p in prepare.shard_paths(d / "chats", split)])
+        mask = np.concatenate([prepare.read_targets(p) for p in prepare.shard_paths(d / "chats", split)])
+        rendered = [bpe.render_chat(enc, c) for c in convs]
+        assert tokens.tolist() == [i for ids, _ in rendered for i in ids]
+        assert mask.tolist() == [t for _, ts in rendered for t in ts]
+        replies = "".join(m["content"] + bpe.IM_END for c in convs for m in c if m["role"] == "assistant")
+        assert enc.decode(tokens[mask == 1].tolist()) == replies
+        assert meta[split]["targets"] == mask.sum() and meta[split]["documents"] == len(convs)
+    # a targets file that does not fit its shard, or is not one: named
+    bad = tmp_path / "chats"
+    shutil.copytree(d / "chats", bad)
+    mask_path = bad / "val_000000.mask"
+    mask_path.write_bytes(mask_path.read_bytes()[:-3])
+    with pytest.raises(ValueError, match="val_000000.mask: .* its header promises"):
+        prepare.read_targets(str(bad / "val_000000.bin"))
+    prepare.write_shard(mask_path, np.ones(7), np.uint8)
+    with pytest.raises(ValueError, match=r"val_000000.bin: its .mask does not fit it \(7 of \d+ tokens\)"):
+        prepare.read_targets(str(bad / "val_000000.bin"))
+    shutil.copy(bad / "val_000000.bin", mask_path)  # tokens where the targets should be
+    with pytest.raises(ValueError, match="val_000000.bin: its .mask does not fit it"):
+        prepare.read_targets(str(bad / "val_000000.bin"))
+    # every bad line: an error that names the file, the line and what is wrong
+    good = json.dumps(chats[0])
+    cases = [('{"messages": [{"role": "user", "content": "hi"}]}', "ends on a user turn"),
+             ('{"messages": []}', "an empty conversation"),
+             ('{"messages": [{"content": "hi"}, {"role": "assistant", "content": "yo"}]}', "has the role None"),
+             ('{"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "yo"}]}',
+              "has the role 'robot'"),
+             ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "yo"}]}', "message 1 has no content"),
+             ('{"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "be"}, '
+              '{"role": "assistant", "content": "yo"}]}', "a system message comes first"),
+             ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}', "not a conversation"),
+             ('{"text": "hi"}', "not a conversation")]
+    for line, why in cases:
+        (tmp_path / "bad.jsonl").write_text(f"{good}\n\n{line}\n")
+        run = script("prepare.py", f"--dataset={tmp_path / 'bad.jsonl'}", f"--tokenizer={d / 'chats'}",
+                     f"--data_dir={tmp_path / 'out'}", "--val_fraction=0.5")
+        assert run.returncode == 1 and "bad.jsonl, line 3: " in run.stderr and why in run.stderr, (line, run.stderr)
+        assert "Traceback" not in run.stderr
+
+
+def test_chat_packing_keeps_conversations_whole(monkeypatch):
+    import train as train_py
+    # 300 conversations of 2 to 45 tokens (eot first), each token a target at random; rows of 33
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(2, 46, 300)
+    convs = [np.concatenate([[0], rng.integers(1, 50, n - 1)]) for n in lengths]
+    tokens, targets = np.concatenate(convs), (rng.random(lengths.sum()) < 0.4).astype(np.uint8)
+    targets[np.cumsum(lengths) - lengths] = 0  # (an end-of-text token is never a target)
+    spans = np.cumsum(lengths) - lengths
+    for mode in ("truncate", "drop"):
+        monkeypatch.setattr(train_py, "chat_long", mode)
+        rows, counts = train_py.pack(tokens, targets, 0, 33, np.random.default_rng(0))
+        found = []  # every conversation in the rows: where its end-of-text token is, up to the next
+        for row_tokens, row_targets in zip(*rows):
+            starts = np.flatnonzero(row_tokens == 0).tolist() + [33]
+            assert starts[0] == 0  # a row starts with a conversation
+            found += [(row_tokens[a:b].tolist(), row_targets[a:b].tolist()) for a, b in zip(starts, starts[1:])]
+        expect = []
+        for conv, start, n in zip(convs, spans, lengths):
+            if n <= 33 or mode == "truncate":
+                t = targets[start:start + min(n, 33)]
+                expect.append((conv[:33].tolist(), np.where(t > 0, conv[:33], -1).tolist()))
+        pad = ([0], [-1])  # the rows' padding: end-of-text tokens, no targets
+        assert sorted(f for f in found if f != pad) == sorted(expect)  # each whole (or cut) exactly once
+        assert counts["long"] == (lengths > 33).sum() > 20
+        assert counts["efficiency"] == pytest.approx(sum(min(n, 33) for n in lengths if n <= 33 or mode == "truncate")
+                                                     / (len(rows[0]) * 33))
+        assert counts["efficiency"] > 0.9  # best fit leaves little room
+
+
+def test_chat_loss_weighs_every_target_alike_under_accumulation(monkeypatch):
+    # the issue's example: micro-batches of 2 and of 10 targets. The step's loss and gradient
+    # are those of the mean over the 12 targets, not the mean of the two micro-batches' means
+    import train as train_py
+    torch.manual_seed(0)
+    m = tiny("gpt2", vocab_size=64, block_size=16)
+    m.attn = "sdpa"
+    x = torch.randint(0, 64, (2, 1, 16))
+    y = torch.full((2, 1, 16), -1)
+    with torch.no_grad():  # the 2 targets the likeliest tokens, the 10 at random: micro-batch losses far apart
+        y[0, 0, [3, 9]] = m(x[0], all_logits=True)[0][0, [3, 9]].argmax(-1)
+    y[1, 0, 2:12] = torch.randint(0, 64, (10,))
+
+    class Data:
+        k = 0
+
+        def next(self):
+            self.k += 1
+            return x[self.k - 1], y[self.k - 1]
+
+    ref = copy.deepcopy(m)
+    logits = ref(x.flatten(0, 1), all_logits=True)[0]
+    token_mean = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1)
+    mean_of_means = sum(F.cross_entropy(logits[i], y[i, 0], ignore_index=-1) for i in range(2)) / 2
+    assert abs(float(token_mean.detach()) - float(mean_of_means.detach())) > 0.1  # the two differ: the test can tell them apart
+    token_mean.backward()
+    monkeypatch.setattr(train_py, "grad_clip", 1e9)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    loss, _, ok = train_py.train_step(m, m, torch.optim.SGD(m.parameters(), lr=1.0),
+                                      torch.amp.GradScaler("cpu", enabled=False), Data(), 2,
+                                      contextlib.nullcontext(), torch.device("cpu"), None)
+    assert ok and float(loss) == pytest.approx(float(token_mean), rel=1e-6)
+    for n, p in ref.named_parameters():  # SGD at lr 1: the update is minus the gradient
+        torch.testing.assert_close(before[n] - dict(m.named_parameters())[n].detach(), p.grad, rtol=1e-4, atol=1e-6)
+
+
+def chat_train(chat_data, out, *args, torchrun=0):
+    d, path, _ = chat_data
+    return train(d, out, f"--dataset={path}", *args, torchrun=torchrun)
+
+
+def conversation_loss(m, directory, rows=33):
+    """The val loss over the val conversations' targets, each conversation run alone (cut
+    to a row), in fp64: the reference for the packed, masked evaluation."""
+    nats = count = 0
+    for path in prepare.shard_paths(directory, "val"):
+        tokens, mask = prepare.read_shard(path).astype(np.int64), prepare.read_targets(path)
+        starts = np.flatnonzero(tokens == prepare.load_meta(directory)[0]["eot_id"]).tolist() + [len(tokens)]
+        for a, b in zip(starts, starts[1:]):
+            t, keep = torch.from_numpy(tokens[a:min(b, a + rows)]), torch.from_numpy(mask[a:min(b, a + rows)])
+            with torch.no_grad():
+                logits = m.double()(t[None, :-1], all_logits=True)[0][0]
+            y = torch.where(keep[1:] > 0, t[1:], -1)
+            nats += float(F.cross_entropy(logits, y, ignore_index=-1, reduction="sum"))
+            count += int((y >= 0).sum())
+    return nats / count
+
+
+def test_chat_fine_tuning_full_lora_resume_and_processes(chat_data, tiny_checkpoint, tmp_path):
+    # the quickstart's way, in small: a base model (300 tokens) fine-tuned on conversations
+    # (302): it grows two rows; the masked val loss is each val conversation's own, apart
+    d = chat_data[0] / "chats"
+    args = [f"--init_from={tiny_checkpoint}", "--max_steps=8", "--eval_interval=4", "--log_interval=1",
+            "--schedule=wsd", "--decay_frac=0.0", "--warmup_steps=0", "--device=cpu", "--learning_rate=3e-3",
+            "--eval_tokens=4096"]  # room for every val conversation
+    run, whole = chat_train(chat_data, tmp_path / "full", *args)
+    assert run.returncode == 0, run.stderr
+    packed = re.search(r"conversations packed whole into rows of 33 tokens, (\d+\.\d)% full; (\d+) of (\d+) longer "
+                       r"than a row cut", run.stdout)
+    assert packed and float(packed[1]) > 80 and 0 < int(packed[2]) < int(packed[3]) / 2, run.stdout
+    m = checkpoint.load_model(str(tmp_path / "full"))[0]
+    base = checkpoint.load_model(str(tiny_checkpoint))[0]
+    assert (m.cfg.vocab_size, base.cfg.vocab_size) == (302, 300)
+    assert whole[-1]["val_loss"] == pytest.approx(conversation_loss(m, d), rel=1e-5)
+    assert whole[-1]["val_loss"] < whole[0]["val_loss"] - 0.5  # it learns to answer
+    # resumed from step 4: the same steps after it
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(tmp_path / "full" / "ckpt.prev.pt", tmp_path / "resumed" / "ckpt.pt")
+    run, rest = chat_train(chat_data, tmp_path / "resumed", *args[1:], "--init_from=resume")
+    assert run.returncode == 0, run.stderr
+    loss = lambda logs: {r["step"]: r["loss"] for r in logs if "loss" in r and r["step"] > 4}  # noqa: E731
+    assert loss(rest) == loss(whole) and len(loss(rest)) == 4  # exactly
+    # 2 processes (DDP, FSDP) against 1: the same losses; the targets counted over both
+    for name, extra in [("ddp", []), ("fsdp", ["--parallel=fsdp"])]:
+        run, logs = chat_train(chat_data, tmp_path / name, *args, *extra, torchrun=2)
+        assert run.returncode == 0, run.stderr + run.stdout
+        agree(whole, logs)
+    # LoRA: the adapters, and the grown token tables (whole), train; the checkpoint loads
+    # again from its base and gives the loss the run measured
+    run, lora = chat_train(chat_data, tmp_path / "lora", *args, "--lora_rank=4", "--learning_rate=1e-2")
+    assert run.returncode == 0, run.stderr
+    ckpt = checkpoint.load_checkpoint(str(tmp_path / "lora" / "ckpt.pt"))
+    assert ckpt["lora"]["vocab_size"] == 302 and "wte.weight" in ckpt["model"] and ckpt["model"]["wte.weight"].shape[0] == 320
+    assert {k for k in ckpt["model"] if k.startswith("blocks.")} == {  # the blocks stay frozen but for the adapters
+        f"blocks.{i}.{layer}.{ab}" for i in (0, 1) for layer in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
+        for ab in "AB"} and ckpt["model"]["value_embeds.0.weight"].shape[0] == 320
+    tuned = checkpoint.load_model(str(tmp_path / "lora"))[0]
+    assert lora[-1]["val_loss"] == pytest.approx(conversation_loss(tuned, d), rel=1e-5)
+    assert lora[-1]["val_loss"] < lora[0]["val_loss"] - 0.5
+    assert not torch.equal(tuned.wte.weight[300], tuned.wte.weight[301])  # <|im_start|> and <|im_end|> learned apart
+
+
+def test_chat_settings_and_bad_inputs(chat_data, tiny_checkpoint, tmp_path):
+    run, _ = chat_train(chat_data, tmp_path / "a", "--chat_long=cut")
+    assert run.returncode == 1 and "chat_long='cut'" in run.stderr and "truncate or drop" in run.stderr, run.stderr
+    run, logs = chat_train(chat_data, tmp_path / "b", "--chat_long=drop", "--max_steps=2", "--eval_interval=2")
+    assert run.returncode == 0 and re.search(r"\d+ of \d+ longer than a row dropped", run.stdout), run.stdout
+    run = sample(tiny_checkpoint, "--chat")  # a model that never saw a conversation
+    assert run.returncode == 1 and "--chat needs a model tuned on conversations" in run.stderr, run.stderr
+    run = script("evals.py", f"--init_from={tiny_checkpoint}", "--evals=nochats", f"--data_dir={chat_data[0]}")
+    assert run.returncode == 1 and "evals='nochats'" in run.stderr and "conversation dataset" in run.stderr, run.stderr
+
+
+@pytest.fixture(scope="session")
+def chat_model(chat_data, tmp_path_factory):
+    """A model trained from scratch on the conversations, with rows of 65 tokens: by its end
+    it answers in a token or two and ends its turn."""
+    out = tmp_path_factory.mktemp("chat_model")
+    run, _ = chat_train(chat_data, out, "--block_size=64", "--max_steps=150", "--eval_interval=150")
+    assert run.returncode == 0, run.stderr
+    return out
+
+
+def greedy_reply(m, enc, messages, limit):
+    """The reply greedy decoding gives, by hand: no KV cache, the whole prompt each token."""
+    ids = bpe.render_chat(enc, messages, generation=True)[0]
+    out = []
+    for _ in range(limit):
+        with torch.no_grad():
+            t = int(m(torch.tensor([ids + out]), all_logits=True)[0][0, -1].argmax())
+        if t in (enc.encode_single_token(bpe.IM_END), enc.eot_token):
+            break
+        out.append(t)
+    return enc.decode(out)
+
+
+def test_chat_repl_from_stdin(chat_model, monkeypatch):
+    # each line a user's turn; the history goes into the next prompt, and its oldest turns
+    # go once it outgrows the block (64 tokens, 8 of them kept for the reply); /reset, /exit
+    m, spec, _ = checkpoint.load_model(str(chat_model))
+    enc = checkpoint.tokenizer(spec)
+    m.eval()
+    lines = ["3+4?", "and times?", "2+2?", "/reset", "3+4?", "/exit", "5+5?"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
+    run = sample(chat_model, "--chat", "--temperature=0", "--max_new_tokens=8")
+    assert run.returncode == 0, run.stderr
+    replies = re.findall(r"^assistant> (.*)$", run.stdout, re.M)
+    u = [{"role": "user", "content": line} for line in lines]
+    a1 = greedy_reply(m, enc, [u[0]], 8)
+    a2 = greedy_reply(m, enc, [u[0], {"role": "assistant", "content": a1}, u[1]], 8)
+    three = [u[0], {"role": "assistant", "content": a1}, u[1], {"role": "assistant", "content": a2}, u[2]]
+    assert len(bpe.render_chat(enc, three, generation=True)[0]) > 64 - 8  # too long: the first turn goes
+    a3 = greedy_reply(m, enc, three[2:], 8)
+    assert replies == [a1, a2, a3, a1], run.stdout
+    assert "oldest turns are dropped" in run.stderr and "(a new conversation)" in run.stderr
+    assert "you> 5+5?" not in run.stdout  # after /exit
+
+
+def test_chat_exact_match_eval_and_hf_chat_template(chat_model, chat_data, tmp_path):
+    import evals
+    m, spec, _ = checkpoint.load_model(str(chat_model))
+    enc = checkpoint.tokenizer(spec)
+    m.eval()
+    # evals.py: a val conversation is right when greedy decoding gives its last reply, then
+    # <|im_end|>: by hand here (without a KV cache), on the model's own replies for half the
+    # items, so that about half are right
+    sets = evals.load_set("chats", chat_data[0])
+    meta, items = sets["chats"]
+    items = [it for it in items if len(bpe.render_chat(enc, it["messages"][:-1], generation=True)[0]) <= 64 - 12][:20]
+    for k, item in enumerate(items):
+        item["messages"] = copy.deepcopy(item["messages"])
+        if k % 2 == 0:
+            item["messages"][-1]["content"] = greedy_reply(m, enc, item["messages"][:-1], 12)
+    right = 0
+    for item in items:
+        ids = bpe.render_chat(enc, item["messages"][:-1], generation=True)[0]
+        answer = enc.encode_ordinary(item["messages"][-1]["content"]) + [enc.encode_single_token(bpe.IM_END)]
+        with torch.no_grad():
+            logits = m(torch.tensor([ids + answer]), all_logits=True)[0][0]
+        right += bool((logits[len(ids) - 1:-1].argmax(-1) == torch.tensor(answer)).all())
+    results = evals.evaluate(m, enc, {"chats": {"chats": (meta, items)}}, torch.device("cpu"),
+                             contextlib.nullcontext(), size=4)
+    assert 5 <= right <= 15 and results["chats"]["acc"] == right / 20 and results["chats"]["items"] == 20
+    run = script("evals.py", f"--init_from={chat_model}", "--evals=chats", f"--data_dir={chat_data[0]}")
+    assert run.returncode == 0 and "| chats |" in run.stdout, run.stderr
+    # the export carries the template: transformers' apply_chat_template gives our ids
+    pytest.importorskip("transformers")
+    import transformers
+    run = script("checkpoint.py", "export", str(chat_model), str(tmp_path / "hf"))
+    assert run.returncode == 0, run.stderr
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    for c in addition_chats(random.Random(9), 10) + [{"messages": [
+            {"role": "system", "content": "Réponds en français, s'il te plaît."},
+            {"role": "user", "content": "  Deux plus deux?\n\n"}, {"role": "assistant", "content": "Quatre. 🙂"}]}]:
+        messages = c["messages"]
+        assert tok.apply_chat_template(messages, tokenize=True, return_dict=False) == bpe.render_chat(enc, messages)[0][1:]
+        assert tok.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True, return_dict=False) == \
+            bpe.render_chat(enc, messages[:-1], generation=True)[0][1:]  # (without the end-of-text that starts ours)
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [enc.encode_single_token(bpe.IM_END), enc.eot_token]
+
+
+def test_chat_fine_tune_a_pretrained_model_with_chatml_tokens(chat_data, tmp_path, monkeypatch):
+    # a Hugging Face directory whose tokenizer has ChatML's tokens already, as SmolLM2's
+    # (<|endoftext|> 0, <|im_start|> 1, <|im_end|> 2; made here: a random Llama and a BPE
+    # trained by Hugging Face tokenizers): its own ids are used and nothing grows; LoRA on
+    # it, and a chat with the result
+    import transformers
+    from tokenizers import Tokenizer as HFTokenizer, models as hf_models, pre_tokenizers, trainers
+    pretrained = tmp_path / "tiny-smol"
+    tok = HFTokenizer(hf_models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator([open(bpe.__file__).read()], trainers.BpeTrainer(
+        vocab_size=400, special_tokens=[bpe.EOT, bpe.IM_START, bpe.IM_END], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+        vocab_size=400, max_position_embeddings=64, bos_token_id=0, eos_token_id=2)).save_pretrained(pretrained)
+    tok.save(str(pretrained / "tokenizer.json"))
+    data = tmp_path / "data"
+    run = script("prepare.py", f"--dataset={chat_data[1]}", f"--tokenizer={pretrained}", f"--data_dir={data}",
+                 "--val_fraction=0.1")
+    assert run.returncode == 0, run.stderr
+    meta, enc = prepare.load_meta(data / "chats")
+    assert meta["vocab_size"] == 400 and [enc.encode_single_token(t) for t in (bpe.EOT, bpe.IM_START, bpe.IM_END)] \
+        == [0, 1, 2]
+    run, logs = train(data, tmp_path / "ft", f"--dataset={chat_data[1]}", f"--init_from={pretrained}", "--lora_rank=8",
+                      "--max_steps=12", "--eval_interval=12", "--learning_rate=1e-2", "--block_size=64")
+    assert run.returncode == 0, run.stderr
+    assert checkpoint.load_checkpoint(str(tmp_path / "ft" / "ckpt.pt"))["lora"]["vocab_size"] == 400
+    assert "wte.weight" not in checkpoint.load_checkpoint(str(tmp_path / "ft" / "ckpt.pt"))["model"]  # nothing grew
+    val = [r["val_loss"] for r in logs if "val_loss" in r]
+    assert val[-1] < val[0] - 0.5
+    monkeypatch.setattr(sys, "stdin", io.StringIO("3+4?\n"))
+    run = sample(tmp_path / "ft", "--chat", "--temperature=0", "--max_new_tokens=8")
+    m, spec, _ = checkpoint.load_model(str(tmp_path / "ft"))
+    assert run.returncode == 0 and re.findall(r"^assistant> (.*)$", run.stdout, re.M) == \
+        [greedy_reply(m.eval(), checkpoint.tokenizer(spec), [{"role": "user", "content": "3+4?"}], 8)], run.stdout
 
 
 # -----------------------------------------------------------------------------

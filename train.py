@@ -42,7 +42,7 @@ import checkpoint
 import model
 import prepare
 from config import atomic_write, check, configure, setting_names
-from evals import evaluate as evaluate_tasks, load_set, log_row
+from evals import KNOWN, evaluate as evaluate_tasks, known, load_set, log_row, set_names
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -68,7 +68,8 @@ rope_theta = 10000.0
 bias = True
 tie_embeddings = True
 attn = "auto"  # how attention runs: "flash" (flash.py), "sdpa" (torch), "auto": flash on CUDA
-doc_mask = False  # attend only within documents (end-of-text tokens start them)
+doc_mask = False  # attend only within documents (end-of-text tokens start them); always on for conversations
+chat_long = "truncate"  # a conversation longer than block_size + 1: "truncate" it, or "drop" it
 qk_norm = False  # from the NanoGPT speedrun, each tried on the quickstart (docs/quickstart_trials.md): RMS-normalized queries and keys
 logit_softcap = 0.0  # output logits soft-capped at this (cap * tanh(logits / cap)); 0: off
 zero_init_proj = False  # the residual projections start at zero
@@ -110,7 +111,7 @@ dtype = ""  # "" picks bf16 on CUDA (fp16 where bf16 is missing), fp32 elsewhere
 compile = None  # None: on CUDA only
 eval_interval = 400
 eval_tokens = 170000  # the fixed val tokens each evaluation reads (about all of stdlib's), whatever the process count
-evals = ""  # downstream evaluation sets (evals.py) run at evaluations too, comma-separated: hellaswag, core
+evals = ""  # downstream evaluation sets (evals.py) run at evaluations too, comma-separated: hellaswag, core, a chat dataset
 evals_interval = 0  # steps between those runs (a multiple of eval_interval); 0: at every evaluation
 eval_items = 0  # items per task (a fixed sample); 0: all
 log_interval = 10
@@ -163,9 +164,9 @@ def check_settings(world):
            ("dtype", dtype, dtype in ("", *model.DTYPES), f"one of {('', *model.DTYPES)}"),
            ("parallel", parallel, parallel in ("ddp", "fsdp"), "ddp or fsdp"),
            ("eval_interval", eval_interval, eval_interval >= 1, "1 or more"),
+           ("chat_long", chat_long, chat_long in ("truncate", "drop"), "truncate or drop"),
            ("eval_tokens", eval_tokens, eval_tokens >= block_size, f"block_size ({block_size}) or more"),
-           ("evals", evals, all(e.strip() in prepare.EVALS for e in evals.split(",") if e.strip()),
-            f"a comma-separated list of {', '.join(prepare.EVALS)}, or ''"),
+           ("evals", evals, all(known(e, data_dir) for e in set_names(evals)), f"a comma-separated list of {KNOWN}; or ''"),
            ("evals_interval", evals_interval, evals_interval >= 0 and evals_interval % max(1, eval_interval) == 0,
             f"0 (at every evaluation) or a multiple of eval_interval ({eval_interval})"),
            ("eval_items", eval_items, eval_items >= 0, "0 (all) or more"),
@@ -192,19 +193,21 @@ class Shards:
     T + 1 tokens (overlapping by one: y is x shifted) and, when shuffle, read in a fixed
     random order (seeded by seed, shard and pass), so that a step mixes text from all over
     the shard rather than one file of a sorted corpus; nothing is drawn twice in a pass.
-    Every micro-step takes the next B * world sequences; process `rank` gets its B of them.
-    A step's `per_step` sequences all come from one shard: the next shard starts when the
-    rest of this one cannot hold a whole step, so where a shard ends does not depend on how
-    steps are split into processes and micro-batches, and a run resumes exactly on another
-    number of processes. The position (shard, sequence, pass) goes into checkpoints; after
-    the last shard the next pass starts."""
+    A conversation dataset's shards (chat_eot, its end-of-text id) are packed instead:
+    whole conversations into rows of T + 1 tokens (pack), and y is -1 where a token is not
+    a target. Every micro-step takes the next B * world sequences; process `rank` gets its
+    B of them. A step's `per_step` sequences all come from one shard: the next shard starts
+    when the rest of this one cannot hold a whole step, so where a shard ends does not
+    depend on how steps are split into processes and micro-batches, and a run resumes
+    exactly on another number of processes. The position (shard, sequence, pass) goes into
+    checkpoints; after the last shard the next pass starts."""
 
-    def __init__(self, directory, split, B, T, rank, world, seed, per_step, shuffle=True, state=None):
+    def __init__(self, directory, split, B, T, rank, world, seed, per_step, shuffle=True, state=None, chat_eot=None):
         self.files = prepare.shard_paths(directory, split)
         if not self.files:
             raise SystemExit(f"error: no {split}_*.bin shards in {directory}; run prepare.py first")
         self.B, self.T, self.rank, self.world, self.seed, self.shuffle = B, T, rank, world, seed, shuffle
-        self.per_step = per_step
+        self.per_step, self.chat_eot = per_step, chat_eot
         self.shard, self.pos, self.epoch = (state["shard"], state["pos"], state["epoch"]) if state else (0, 0, 0)
         saved = state.get("shards", len(self.files)) if state else len(self.files)  # (older checkpoints lack it)
         if self.shard >= len(self.files) or saved != len(self.files):
@@ -220,12 +223,22 @@ class Shards:
 
     def _load(self):
         self.tokens = prepare.read_shard(self.files[self.shard])
-        n = (len(self.tokens) - 1) // self.T
+        rng = np.random.default_rng([self.seed, self.shard, self.epoch])
+        if self.chat_eot is not None:  # (rows, T + 1) of tokens, and of targets or -1
+            self.rows, self.packing = pack(self.tokens, prepare.read_targets(self.files[self.shard]), self.chat_eot,
+                                           self.T + 1, rng if self.shuffle else None)
+        n = len(self.rows[0]) if self.chat_eot is not None else (len(self.tokens) - 1) // self.T
         if n < self.per_step:
-            raise SystemExit(f"error: {self.files[self.shard]} has {len(self.tokens)} tokens, fewer than one step "
-                             f"needs ({self.per_step} x {self.T} + 1); lower total_batch_size or block_size")
-        self.order = np.random.default_rng([self.seed, self.shard, self.epoch]).permutation(n) if self.shuffle \
-            else np.arange(n)
+            raise SystemExit(f"error: {self.files[self.shard]} holds {n} sequences of {self.T} + 1 tokens, fewer than "
+                             f"one step needs ({self.per_step}); lower total_batch_size or block_size")
+        self.order = rng.permutation(n) if self.shuffle else np.arange(n)
+
+    def rows_at(self, indices):
+        """(len(indices), 2, T + 1): each sequence's tokens, and its targets (the tokens, or -1)."""
+        if self.chat_eot is not None:
+            return np.stack([self.rows[0][indices], self.rows[1][indices]], axis=1)
+        tokens = np.stack([self.tokens[i * self.T:(i + 1) * self.T + 1] for i in indices]).astype(np.int64)
+        return np.stack([tokens, tokens], axis=1)
 
     def next(self):
         # the next shard when the rest of this one cannot hold this micro-step or, as a step begins, the step
@@ -234,26 +247,71 @@ class Shards:
             self.shard, self.pos = (self.shard + 1) % len(self.files), 0
             self.epoch += self.shard == 0
             self._load()
-        mine = self.order[self.pos + self.rank * self.B:self.pos + (self.rank + 1) * self.B]
-        buf = torch.from_numpy(np.stack([self.tokens[i * self.T:(i + 1) * self.T + 1] for i in mine]).astype(np.int64))
+        buf = torch.from_numpy(self.rows_at(self.order[self.pos + self.rank * self.B:self.pos + (self.rank + 1) * self.B]))
         self.pos += self.B * self.world
-        return buf[:, :-1], buf[:, 1:]
+        return buf[:, 0, :-1], buf[:, 1, 1:]
 
     def state(self):
         return {"shard": self.shard, "pos": self.pos, "epoch": self.epoch, "shards": len(self.files),
                 "tokens": len(self.tokens)}
 
 
-def val_sequences(directory, T, n):
+def pack(tokens, targets, eot, size, rng=None):
+    """Whole conversations (each starts at its end-of-text token) into rows of `size` tokens,
+    best fit: each goes into the row it leaves least room in, or a new row, so none is cut
+    across rows (as nanochat's loader, and SmolLM2's fine-tuners, pack). One longer than a
+    row is cut (chat_long="truncate") or left out ("drop"). Rows are padded with end-of-text
+    tokens, which are no targets. rng: shuffle the conversations first. Returns (tokens,
+    targets or -1), each (rows, size), and the counts: conversations, cut or dropped, and
+    the packing efficiency (real tokens over the rows' room)."""
+    import bisect
+    starts = np.flatnonzero(tokens == eot).tolist() + [len(tokens)]
+    convs = [(a, b) for a, b in zip(starts, starts[1:])]
+    convs = [convs[i] for i in rng.permutation(len(convs))] if rng is not None else convs
+    long = [c for c in convs if c[1] - c[0] > size]
+    if chat_long == "drop":
+        convs = [c for c in convs if c[1] - c[0] <= size]
+    bins, free = [], []  # free: sorted (room left, row), to find the best fit by bisection
+    for a, b in convs:
+        need = min(b - a, size)
+        k = bisect.bisect_left(free, (need, -1))
+        if k == len(free):
+            bins.append([])
+            row, room = len(bins) - 1, size
+        else:
+            room, row = free.pop(k)
+        bins[row].append((a, a + need))
+        if room - need:
+            bisect.insort(free, (room - need, row))
+    out = np.full((2, len(bins), size), eot, dtype=np.int64)
+    out[1] = -1
+    for row, parts in enumerate(bins):
+        at = 0
+        for a, b in parts:
+            out[0, row, at:at + b - a] = tokens[a:b]
+            out[1, row, at:at + b - a] = np.where(targets[a:b] > 0, tokens[a:b].astype(np.int64), -1)
+            at += b - a
+    real = sum(b - a for parts in bins for a, b in parts)
+    return out, {"conversations": len(convs), "long": len(long), "efficiency": real / max(1, len(bins) * size)}
+
+
+def val_sequences(directory, T, n, chat_eot=None):
     """The val set every evaluation reads: the first n sequences of T + 1 tokens of the val
-    shards, in order (all of them, if there are fewer). The same whatever the process count."""
+    shards, in order (all of them, if there are fewer), as (n, 2, T + 1): the tokens, and
+    the targets (the tokens, or -1 where a conversation's token is no target: packed rows,
+    as for training). The same whatever the process count."""
     out = []
     for path in prepare.shard_paths(directory, "val"):
         tokens = prepare.read_shard(path)
-        out += [tokens[i * T:(i + 1) * T + 1] for i in range((len(tokens) - 1) // T)][:n - len(out)]
+        if chat_eot is not None:
+            rows = pack(tokens, prepare.read_targets(path), chat_eot, T + 1)[0]
+            out += list(np.stack([rows[0], rows[1]], axis=1))[:n - len(out)]
+        else:
+            out += [np.stack([tokens[i * T:(i + 1) * T + 1]] * 2) for i in range((len(tokens) - 1) // T)][:n - len(out)]
     if not out:
         raise SystemExit(f"error: the val shards in {directory} hold fewer than block_size + 1 = {T + 1} tokens")
-    return np.stack(out).astype(np.int64)  # (n, T + 1)
+    return np.stack(out).astype(np.int64)  # (n, 2, T + 1)
+
 
 # -----------------------------------------------------------------------------
 # Learning rate, MFU, and a CPU speed trick
@@ -348,12 +406,12 @@ def build_model(meta, ckpt, source, dev):
         m = checkpoint.model_from_checkpoint(ckpt, weights="shards" not in ckpt)
     elif source is None:
         m = GPT(model_config(meta["vocab_size"]))
+    elif lora_rank:
+        lora = checkpoint.lora_record(init_from, source, lora_rank, lora_alpha, lora_dropout, lora_targets,
+                                      lora_variant, meta["vocab_size"])
+        m = checkpoint.with_adapters(source, lora)  # (grown, where the data has new tokens)
     else:
-        m = source
-        if lora_rank:
-            lora = checkpoint.lora_record(init_from, m, lora_rank, lora_alpha, lora_dropout, lora_targets,
-                                          lora_variant)
-            model.add_lora(m, lora_rank, lora_alpha, lora_dropout, lora_targets, lora_variant)
+        m = model.grow_vocab(source, max(meta["vocab_size"], source.cfg.vocab_size))  # a chat's new tokens
     m.attn, m.loss_chunk, m.activation_checkpointing = attn, loss_chunk, activation_checkpointing  # RUN_OPTIONS
     if meta["vocab_size"] > m.cfg.vocab_size:
         raise SystemExit(f"error: the data has {meta['vocab_size']} tokens, the model {m.cfg.vocab_size}: "
@@ -585,7 +643,8 @@ def hold_out_dir():
 def load_data(model_spec):
     """The data directory, its meta.json and tokenizer, and the tokenizer's files (for
     checkpoints), or what to run to prepare them. A run that continues a model (resumed,
-    or fine-tuned) must use the model's tokenizer, model_spec."""
+    or fine-tuned) must use the model's tokenizer, model_spec, or one that adds special
+    tokens to it (a chat's): the model then grows (build_model)."""
     directory = os.path.join(data_dir, prepare.dataset_name(dataset))
     if not os.path.exists(os.path.join(directory, "meta.json")):
         if dataset not in prepare.DATASETS and not os.path.exists(dataset):
@@ -594,7 +653,7 @@ def load_data(model_spec):
         raise SystemExit(f"error: {directory}/meta.json not found: prepare the data first with\n    {command}")
     meta, enc = prepare.load_meta(directory)
     spec = checkpoint.tokenizer_spec(directory, meta["tokenizer"])
-    if model_spec is not None and model_spec != spec and not bpe.same_tokenizer(checkpoint.tokenizer(model_spec), enc):
+    if model_spec is not None and model_spec != spec and not bpe.extends(checkpoint.tokenizer(model_spec), enc):
         raise SystemExit(f"error: {directory} was tokenized with another tokenizer ({meta['tokenizer']}, "
                          f"{meta['vocab_size']} tokens) than the model of init_from={init_from} has "
                          f"({model_spec['name']}): prepare the data with the model's tokenizer, "
@@ -621,8 +680,9 @@ class Run:
     lora: dict  # the LoRA record, or None
     spec: dict  # the tokenizer, for checkpoints
     eot: int
+    doc_eot: int  # the end-of-text id where documents are kept apart (doc_mask, or conversations), else None
     train_data: Shards
-    val: np.ndarray  # (n, block_size + 1) val sequences
+    val: np.ndarray  # (n, 2, block_size + 1) val sequences: tokens, and targets (or -1)
     n_bytes: torch.Tensor  # bytes of text per token id, for bits per byte
     enc: object  # the tokenizer (a tiktoken.Encoding), for the downstream evals
     sets: dict  # the downstream evaluation sets, {name: evals.load_set(...)}
@@ -667,22 +727,28 @@ def setup(ckpt):
             "only with decay_embeddings=True")
 
     # the data: training shards, the fixed val set, and each token's bytes for bits per byte
+    chat_eot = meta["eot_id"] if meta.get("chat") else None  # conversations: packed, targets masked
     train_data = Shards(directory, "train", micro_batch, block_size, rank, world, seed,
-                        total_batch_size // block_size, state=ckpt["data"] if ckpt else None)
+                        total_batch_size // block_size, state=ckpt["data"] if ckpt else None, chat_eot=chat_eot)
     if train_data.realigned:
         log(f"data: total_batch_size changed on resume; {train_data.per_step - train_data.realigned} sequences "
             "skipped to start a whole step")
-    val = val_sequences(directory, block_size, eval_tokens // block_size)
+    if chat_eot is not None:
+        p = train_data.packing
+        log(f"data: conversations packed whole into rows of {block_size + 1} tokens, {p['efficiency']:.1%} full; "
+            f"{p['long']} of {p['conversations'] + (p['long'] if chat_long == 'drop' else 0)} longer than a row "
+            + ("cut" if chat_long == "truncate" else "dropped") + " (chat_long); attention kept within each")
+    val = val_sequences(directory, block_size, eval_tokens // block_size, chat_eot)
     eot, names = meta["eot_id"], [e.strip() for e in evals.split(",") if e.strip()]
     if names and rank == 0:
         prepare.prepare_evals(names, data_dir)  # downloaded and converted once
     if names and ddp:
         dist.barrier()
     sets = {name: load_set(name, data_dir) for name in names}
-    log(f"val: {val.size - len(val):,} tokens; gzip -9 on their text: {gzip_bpb(val, enc, eot):.4f} bits per byte")
+    log(f"val: {int((val[:, 1, 1:] >= 0).sum()):,} tokens; gzip -9 on their text: {gzip_bpb(val, enc, eot):.4f} bits per byte")
     base = ckpt.get("base") if ckpt else None if init_from == "scratch" else checkpoint.base_name(init_from)
     return Run(ddp, rank, world, dev, log, raw_model, fast_model, train_model, optimizer, scaler, autocast, base,
-               lora, spec, eot, train_data, val, torch.from_numpy(prepare.token_bytes(enc)).to(dev), enc, sets,
+               lora, spec, eot, eot if doc_mask or chat_eot is not None else None, train_data, val, torch.from_numpy(prepare.token_bytes(enc)).to(dev), enc, sets,
                total_batch_size // (micro_batch * block_size * world), *[ckpt["step"] if ckpt else 0] * 2,
                time.time(), hold, start_wandb() if wandb_log and rank == 0 else None)
 
@@ -722,13 +788,24 @@ def train_step(train_model, raw_model, optimizer, scaler, data, accum, autocast,
     skipped when the gradient is not finite. doc_eot: the end-of-text id where documents
     are kept apart (doc_mask), else None. Returns the step's mean loss (a tensor, so that
     the GPU need not wait for it), the gradient norm, and whether it updated."""
+    # the step's loss is the mean over all of its targets, on every process: a micro-batch's
+    # mean loss weighs as its share of them (with conversations, some tokens are no targets)
+    batches = [data.next() for _ in range(accum)]
+    counts = [int((y >= 0).sum()) for _, y in batches]
+    total = torch.tensor(float(sum(counts)), device=dev)
+    if dist.is_initialized():
+        dist.all_reduce(total)  # DDP and FSDP average the gradients over the processes: scaled by world below
+    world = dist.get_world_size() if dist.is_initialized() else 1
     loss_sum = torch.zeros((), device=dev)
-    for micro in range(accum):
-        x, y = data.next()
+    total = total.clamp(min=1)
+    for micro, (x, y) in enumerate(batches):
+        if not counts[micro]:  # no targets (conversations cut before a reply): one, weighed 0, keeps the loss finite
+            y = y.clone()
+            y[0, 0] = 0
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         with grad_sync(train_model, micro == accum - 1), autocast:
             _, loss = train_model(x, y, doc_starts=(x == doc_eot) if doc_eot is not None else None)
-            loss = loss / accum  # so the step's gradient is the mean over all its micro-batches
+            loss = loss * (counts[micro] * world / total)  # = its summed loss over the step's targets (x world)
         scaler.scale(loss).backward()
         loss_sum += loss.detach()
     scaler.unscale_(optimizer)
@@ -756,12 +833,12 @@ def evaluate(m, val, n_bytes, autocast, doc_eot, rank, world, ddp):
     mine = torch.from_numpy(val[rank::world])
     for i in range(0, len(val[0::world]), micro_batch):  # process 0 has the most
         batch = mine[i:i + micro_batch] if i < len(mine) else torch.from_numpy(val[:1])
-        x, y = batch[:, :-1].to(dev), batch[:, 1:].to(dev)
+        x, y = batch[:, 0, :-1].to(dev), batch[:, 1, 1:].to(dev)  # y: -1 where no target
         with autocast:
             _, loss = m(x, y, doc_starts=(x == doc_eot) if doc_eot is not None else None)
         if i < len(mine):  # not the extra batch, which only keeps the processes in step
-            total += torch.stack([loss.double() * y.numel(), torch.tensor(float(y.numel()), device=dev),
-                                  n_bytes[y].sum().double()])
+            count = (y >= 0).sum()
+            total += torch.stack([loss.double() * count, count.double(), (n_bytes[y.clamp(min=0)] * (y >= 0)).sum()])
     if ddp:
         dist.all_reduce(total)
     m.train()
@@ -771,7 +848,7 @@ def evaluate(m, val, n_bytes, autocast, doc_eot, rank, world, ddp):
 
 def gzip_bpb(val, enc, eot):
     """What gzip -9 does on the same val text: the bar to beat, in bits per byte."""
-    text = enc.decode_bytes([t for t in val[:, 1:].flatten().tolist() if t != eot])
+    text = enc.decode_bytes([t for t in val[:, 0, 1:].flatten().tolist() if t != eot])
     return len(gzip.compress(text, 9)) * 8 / max(len(text), 1)
 
 # -----------------------------------------------------------------------------
@@ -811,8 +888,8 @@ def loop(r, stop, log_file):
         # once in a while, and at the end: the val loss and bits per byte (a resumed run's checkpoint's run
         # evaluated its first step)
         if (step % eval_interval == 0 or last_step) and not stop["signal"] and (step > start or start == 0):
-            r.log(f"step {step}: evaluating on {r.val.size - len(r.val):,} val tokens ...")
-            val_loss, val_bpb = evaluate(r.fast_model, r.val, r.n_bytes, r.autocast, r.eot if doc_mask else None, r.rank,
+            r.log(f"step {step}: evaluating on {int((r.val[:, 1, 1:] >= 0).sum()):,} val tokens ...")
+            val_loss, val_bpb = evaluate(r.fast_model, r.val, r.n_bytes, r.autocast, r.doc_eot, r.rank,
                                          r.world, r.ddp)
             r.log(f"step {step}: val loss {val_loss:.4f}, val bits per byte {val_bpb:.4f}")
             write_log(r, log_file, {"step": step, "val_loss": val_loss, "val_bpb": val_bpb})
@@ -837,7 +914,7 @@ def loop(r, stop, log_file):
             if group.get("muon"):
                 group["momentum"] = momentum_at(step)
         loss, grad_norm, ok = train_step(r.train_model, r.raw_model, r.optimizer, r.scaler, r.train_data, r.accum,
-                                         r.autocast, r.dev, r.eot if doc_mask else None)
+                                         r.autocast, r.dev, r.doc_eot)
         bad_steps = 0 if ok else bad_steps + 1
         if not ok:
             r.log(f"step {step}: the gradient is not finite (loss {loss.item()}); update skipped")
@@ -867,7 +944,7 @@ def save(r, step, path, why=""):
     if saving:
         with torch.no_grad(), r.autocast:  # the loss these weights give, as a health check
             probe = torch.from_numpy(r.val[:micro_batch]).to(r.dev)
-            probe_loss = float(r.fast_model(probe[:, :-1], probe[:, 1:])[1])
+            probe_loss = float(r.fast_model(probe[:, 0, :-1], probe[:, 1, 1:])[1])
     states = [checkpoint.rng_state(r.dev)]  # after the probe, whose dropout (LoRA's) draws from them
     if r.ddp:  # every process's random state: each draws its own
         states = [None] * r.world
