@@ -44,6 +44,20 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # triton's CPU interpreter, for tests
+if INTERPRET and tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7):
+    # The interpreter holds every scalar as a one-element array, and triton 3.6 turns one
+    # into a loop bound (`range(lo, hi, BLOCK_N)`) with int(array), which NumPy 2.4 refuses:
+    # "only 0-dimensional arrays can be converted to Python scalars". Triton 3.7 squeezes
+    # it first (triton-lang/triton#9171); so do we. Compiled kernels never run this code.
+    from triton.runtime import interpreter as _interpreter
+    _patch_tensor = _interpreter._patch_lang_tensor
+
+    def _patch_lang_tensor(tensor, scope):
+        _patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    _interpreter._patch_lang_tensor = _patch_lang_tensor
+
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 LN2 = tl.constexpr(0.6931471805599453)  # log(x) = log2(x) * LN2
 
