@@ -1855,21 +1855,47 @@ def test_flash_cuda_large(dtype, causal):
 
 
 def test_flash_autotune_sees_only_kept_candidates():
-    # the autotuner holds every kernel's candidates for all GPUs and head dims; _prune hands
-    # it those kept for the launch's GPU and head dim, and only small tiles for short
-    # sequences (decoding)
+    # _prune hands the autotuner the candidates its GPU keeps for the launch's head dim (the
+    # list of the smallest listed dim that holds it), and for short sequences (decoding) only
+    # tiles that fit them. What each case keeps is written out by hand, from the lists in
+    # flash.py: (BLOCK_M, BLOCK_N, warps, stages); every config it may choose from is offered
     import flash
     import triton
-    for kernel in flash.KERNELS:
-        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                   for m, n, w, s in {c for gpu in flash.CANDIDATES.values() for cs in gpu[kernel].values() for c in cs}]
-        for arch in (90, 80, 86):
-            for d in (16, 64, 80, 128, 256):
-                kept = flash._prune(kernel, configs, {"max_rows": 4096, "arch": arch}, HEAD_DIM=d)
-                assert sorted((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept) == \
-                    sorted(flash.candidates(kernel, d, arch)), (kernel, arch, d)
-                one_row = flash._prune(kernel, configs, {"max_rows": 1, "arch": arch}, HEAD_DIM=d)
-                assert {c.kwargs["BLOCK_M"] for c in one_row} == {min(c[0] for c in flash.candidates(kernel, d, arch))}
+    h100_forward_64 = {(128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)}
+    h100_forward_128 = {(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 3), (64, 64, 8, 3)}
+    a100_forward_128 = {(128, 32, 8, 3), (128, 32, 8, 4), (64, 64, 8, 3)}
+    cases = [  # kernel, compute capability, head dim, longest sequence -> kept
+        ("forward", 90, 16, 4096, h100_forward_64),  # 16 to 64 take 64's list
+        ("forward", 90, 64, 4096, h100_forward_64),
+        ("forward", 90, 65, 4096, h100_forward_128),  # 65 to 128 take 128's
+        ("forward", 90, 128, 4096, h100_forward_128),
+        ("forward", 80, 80, 4096, a100_forward_128),
+        ("forward", 86, 128, 4096, a100_forward_128),  # a GPU not listed (RTX 3090, B200) takes the A100's
+        ("forward", 100, 96, 4096, a100_forward_128),
+        ("forward", 90, 129, 4096, {(64, 32, 8, 2), (64, 32, 8, 3), (64, 16, 8, 2), (32, 16, 4, 2)}),
+        ("forward", 80, 256, 4096, {(64, 16, 8, 2), (64, 16, 8, 3), (32, 16, 4, 2)}),
+        ("backward_dkdv", 90, 128, 4096, {(32, 64, 8, 2), (32, 64, 8, 3), (16, 128, 8, 3)}),
+        ("backward_dkdv", 80, 64, 4096, {(32, 64, 8, 3), (32, 128, 8, 3)}),
+        ("backward_dq", 90, 128, 4096, {(64, 32, 4, 3), (64, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 2)}),
+        ("backward_dq", 80, 256, 4096, {(64, 16, 8, 2), (32, 16, 4, 2)}),
+        # short: BLOCK_M <= max_rows (16 at least) and BLOCK_N <= max(max_rows, 64); if no tile
+        # is that short, those of the smallest BLOCK_M
+        ("forward", 90, 64, 64, {(64, 64, 4, 3)}),
+        ("forward", 90, 64, 1, {(64, 64, 4, 3)}),
+        ("forward", 80, 128, 1, {(64, 64, 8, 3)}),
+        ("backward_dq", 90, 128, 64, {(64, 32, 4, 3), (64, 64, 8, 3)}),
+        ("backward_dkdv", 90, 64, 32, {(32, 64, 8, 3)}),
+        ("backward_dkdv", 90, 256, 1, {(16, 32, 8, 2)}),
+    ]
+    offered = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+               for m in (16, 32, 64, 128) for n in (16, 32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
+    for kernel, arch, d, rows, want in cases:
+        kept = flash._prune(kernel, offered, {"max_rows": rows, "arch": arch}, HEAD_DIM=d)
+        got = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
+        assert got == want, (kernel, arch, d, rows)
+    # the choice is remembered per GPU: an A100 does not reuse an H100's
+    assert all("arch" in kernel.keys for kernel in flash.KERNELS.values())
+    assert flash._arch(torch.device("cpu")) == 0
 
 
 def test_flash_kernels_compile_clean_for_their_gpu():
