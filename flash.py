@@ -44,55 +44,98 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # triton's CPU interpreter, for tests
+if INTERPRET and tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7):
+    # The interpreter holds every scalar as a one-element array, and triton 3.6 turns one
+    # into a loop bound (`range(lo, hi, BLOCK_N)`) with int(array), which NumPy 2.4 refuses:
+    # "only 0-dimensional arrays can be converted to Python scalars". Triton 3.7 squeezes
+    # it first (triton-lang/triton#9171); so do we. Compiled kernels never run this code.
+    from triton.runtime import interpreter as _interpreter
+    _patch_tensor = _interpreter._patch_lang_tensor
+
+    def _patch_lang_tensor(tensor, scope):
+        _patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    _interpreter._patch_lang_tensor = _patch_lang_tensor
+
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 LN2 = tl.constexpr(0.6931471805599453)  # log(x) = log2(x) * LN2
 
 
-# Autotune candidates per kernel and padded head dim: (BLOCK_M, BLOCK_N, warps, stages).
-# BLOCK_M counts queries and BLOCK_N keys; a program holds one block for its whole life
-# (queries in the forward and dQ, keys in dK/dV) and loops over blocks of the other.
-# The rule that prunes them: a candidate is kept only if ptxas builds it for sm_90 (H100)
-# and for sm_80 (A100), causal or not, with no spill and at most 240 of the 255 registers,
-# in triton 3.6 and in 3.9. The 15 to spare absorb another version's drift: on the same
-# kernel, 3.6 and 3.9 differ by up to 72 registers on sm_80. test_all.py checks, with the
-# installed triton, that no kept candidate spills; `python bench.py kernels` prints what
-# each costs. Among the clean ones, the lists keep what matters on an H100: 128-row forward
-# tiles at 8 warps with 3 and 4 stages. Left out by the rule, for example: the forward's
-# 128 x 128 at d=64 (251 registers), its 128 x 64 at d=128 (a 16-byte spill on sm_80 with
-# triton 3.6), and dK/dV's 64 x 64 at d=128 (a 104-byte spill on sm_90).
+# Autotune candidates per GPU, kernel and padded head dim:
+# (BLOCK_M, BLOCK_N, warps, stages). BLOCK_M counts queries and BLOCK_N keys; a program
+# holds one block for its whole life (queries in the forward and dQ, keys in dK/dV) and
+# loops over blocks of the other. The rule that prunes them: a GPU keeps a candidate only
+# if ptxas builds it for that GPU, causal or not, with no spill and at most 240 of the 255
+# registers, in triton 3.6 and in 3.9, within its shared memory. The 15 to spare absorb
+# another version's drift: on the same kernel, 3.6 and 3.9 differ by up to 72 registers on
+# sm_80. Each GPU has its own list, as one tile costs them differently: the forward's
+# 128 x 64 at d=128 takes 198 registers on sm_90 (H100, H200) and spills 16 bytes on sm_80
+# (A100, triton 3.6); its 128 x 128 at d=64 with 2 stages takes 221 on sm_90 and 255 on
+# sm_80. So the H100's lists hold wider tiles than the A100's. Left out of both, for
+# example: that 128 x 128 with 3 stages (251 registers on sm_90), the forward's 128 x 128
+# at d=128 (255), and dK/dV's 64 x 64 at d=128 (a 104-byte spill on sm_90). A launch takes
+# the list of its tensors' GPU (_arch); any GPU but sm_90 takes sm_80's, the oldest here,
+# where every case has a tile within the 99 KB of shared memory of sm_86 and sm_89 (RTX
+# 3090, 4090, L4). test_all.py checks each list on its own GPU with the installed triton;
+# `python bench.py kernels` prints the costs.
 CANDIDATES = {
-    "forward": {64: [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)],
-                128: [(128, 32, 8, 3), (128, 32, 8, 4), (64, 64, 8, 3)],
-                256: [(64, 16, 8, 2), (64, 16, 8, 3), (32, 16, 4, 2)]},
-    "backward_dkdv": {64: [(32, 64, 8, 3), (32, 128, 8, 3)],
-                      128: [(32, 64, 8, 2), (32, 64, 8, 3)],
-                      256: [(16, 32, 8, 2), (32, 32, 8, 3)]},
-    "backward_dq": {64: [(64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)],
-                    128: [(64, 32, 4, 3), (64, 64, 8, 3), (128, 32, 8, 3)],
-                    256: [(64, 16, 8, 2), (32, 16, 4, 2)]},
+    90: {"forward": {64: [(128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)],
+                     128: [(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 3), (64, 64, 8, 3)],
+                     256: [(64, 32, 8, 2), (64, 32, 8, 3), (64, 16, 8, 2), (32, 16, 4, 2)]},
+         "backward_dkdv": {64: [(32, 64, 8, 3), (32, 128, 8, 3), (64, 64, 8, 2)],
+                           128: [(32, 64, 8, 2), (32, 64, 8, 3), (16, 128, 8, 3)],
+                           256: [(16, 32, 8, 2), (32, 32, 8, 3)]},
+         "backward_dq": {64: [(64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)],
+                         128: [(64, 32, 4, 3), (64, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 2)],
+                         256: [(64, 16, 8, 2), (64, 32, 8, 3), (32, 16, 4, 2)]}},
+    80: {"forward": {64: [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)],
+                     128: [(128, 32, 8, 3), (128, 32, 8, 4), (64, 64, 8, 3)],
+                     256: [(64, 16, 8, 2), (64, 16, 8, 3), (32, 16, 4, 2)]},
+         "backward_dkdv": {64: [(32, 64, 8, 3), (32, 128, 8, 3)],
+                           128: [(32, 64, 8, 2), (32, 64, 8, 3)],
+                           256: [(16, 32, 8, 2), (32, 32, 8, 3)]},
+         "backward_dq": {64: [(64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)],
+                         128: [(64, 32, 4, 3), (64, 64, 8, 3), (128, 32, 8, 3)],
+                         256: [(64, 16, 8, 2), (32, 16, 4, 2)]}},
 }
 
 
-def candidates(kernel, head_dim):
-    """The kept candidates for a head dim: those of the smallest listed dim that holds it."""
-    return CANDIDATES[kernel][min(d for d in CANDIDATES[kernel] if d >= head_dim)]
+def candidates(kernel, head_dim, arch):
+    """The kept candidates on a GPU of compute capability `arch` (90 for sm_90) for a head
+    dim: those of the smallest listed dim that holds it. A GPU not listed takes sm_80's."""
+    lists = CANDIDATES[arch if arch in CANDIDATES else 80][kernel]
+    return lists[min(d for d in lists if d >= head_dim)]
+
+
+@functools.cache
+def _arch(device):
+    """A device's compute capability as one number, 90 for sm_90: the autotune candidates'
+    key. 0 off CUDA (the interpreter, with its one config)."""
+    if device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 def _autotune(kernel):
-    """triton.autotune over the kernel's candidates; tuned again for each head dim, mask
-    kind and longest sequence (rounded up to a power of two by _rows_key)."""
+    """triton.autotune over the kernel's candidates for every GPU; tuned again for each GPU,
+    head dim, mask kind and longest sequence (rounded up to a power of two by _rows_key).
+    The kernels take `arch` only for this key: without it, an A100 in the same process as
+    an H100 would reuse the H100's choice, which may not even fit its shared memory."""
     if INTERPRET:  # one small config, as speed does not matter there; the held block the taller, as on a GPU
         m, n = (16, 32) if kernel == "backward_dkdv" else (32, 16)
         configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=1, num_stages=1)]
     else:
+        kept = {c for gpu in CANDIDATES.values() for cs in gpu[kernel].values() for c in cs}
         configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                   for m, n, w, s in sorted({c for lists in CANDIDATES[kernel].values() for c in lists})]
-    return triton.autotune(configs, key=["HEAD_DIM", "CAUSAL", "WINDOW", "max_rows"],
+                   for m, n, w, s in sorted(kept)]
+    return triton.autotune(configs, key=["HEAD_DIM", "CAUSAL", "WINDOW", "max_rows", "arch"],
                            prune_configs_by={"early_config_prune": functools.partial(_prune, kernel)})
 
 
 def _prune(kernel, configs, named_args, **kwargs):
-    kept = set(candidates(kernel, kwargs["HEAD_DIM"]))
+    kept = set(candidates(kernel, kwargs["HEAD_DIM"], named_args["arch"]))
     configs = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in kept]
     # a block far taller than the longest sequence only computes padding (decoding: 1 query)
     rows = max(16, named_args["max_rows"])
@@ -203,7 +246,7 @@ def _forward(Q, stride_qt, stride_qh,  #
              V, stride_vt, stride_vh,  #
              O, stride_ot, stride_oh,  #
              LSE, CU_Q, CU_K,  #
-             n_heads, group, total_q, scale, window, max_rows,  #
+             n_heads, group, total_q, scale, window, max_rows, arch,  #
              HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
              PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     h, q_start, q_len, k_start, k_len, m0 = _locate(CU_Q, CU_K, n_heads, BLOCK_M)
@@ -295,7 +338,7 @@ def _backward_dkdv(Q, stride_qt, stride_qh,  #
                    DK, stride_dkt, stride_dkh,  #
                    DV, stride_dvt, stride_dvh,  #
                    LSE, DELTA, CU_Q, CU_K,  #
-                   n_kv_heads, group, total_q, scale, window, max_rows,  #
+                   n_kv_heads, group, total_q, scale, window, max_rows, arch,  #
                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     kv_head, q_start, q_len, k_start, k_len, n0 = _locate(CU_Q, CU_K, n_kv_heads, BLOCK_N)
@@ -360,7 +403,7 @@ def _backward_dq(Q, stride_qt, stride_qh,  #
                  DO, stride_dot, stride_doh,  #
                  DQ, stride_dqt, stride_dqh,  #
                  LSE, DELTA, CU_Q, CU_K,  #
-                 n_heads, group, total_q, scale, window, max_rows,  #
+                 n_heads, group, total_q, scale, window, max_rows, arch,  #
                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     h, q_start, q_len, k_start, k_len, m0 = _locate(CU_Q, CU_K, n_heads, BLOCK_M)
@@ -422,7 +465,7 @@ class _FlashAttention(torch.autograd.Function):
                        v, v.stride(0), v.stride(1),  #
                        o, o.stride(0), o.stride(1),  #
                        lse, cu_q, cu_k,  #
-                       H, H // k.shape[1], total_q, scale, window or 0, _rows_key(max_q),  #
+                       H, H // k.shape[1], total_q, scale, window or 0, _rows_key(max_q), _arch(q.device),  #
                        **_meta(q, k, causal, window))
         ctx.save_for_backward(q, k, v, o, lse, cu_q, cu_k)
         ctx.args = (max_q, max_k, causal, scale, window)
@@ -447,7 +490,7 @@ class _FlashAttention(torch.autograd.Function):
                              dk, dk.stride(0), dk.stride(1),  #
                              dv, dv.stride(0), dv.stride(1),  #
                              lse, delta, cu_q, cu_k,  #
-                             Hkv, H // Hkv, total_q, scale, window or 0, _rows_key(max_q),  #
+                             Hkv, H // Hkv, total_q, scale, window or 0, _rows_key(max_q), _arch(q.device),  #
                              **meta)
         grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_seqs * H)  # noqa: E731
         _backward_dq[grid](q, q.stride(0), q.stride(1),  #
@@ -456,7 +499,7 @@ class _FlashAttention(torch.autograd.Function):
                            do, do.stride(0), do.stride(1),  #
                            dq, dq.stride(0), dq.stride(1),  #
                            lse, delta, cu_q, cu_k,  #
-                           H, H // Hkv, total_q, scale, window or 0, _rows_key(max_q),  #
+                           H, H // Hkv, total_q, scale, window or 0, _rows_key(max_q), _arch(q.device),  #
                            **meta)
         return dq, dk, dv, None, None, None, None, None, None, None
 
@@ -557,11 +600,15 @@ def build(kernel, head_dim, causal, candidate, arch):
 
 
 def report(archs=(90, 80), processes=None):
-    """build() every kept candidate of every kernel and head dim, causal and not, for each
-    arch, in parallel processes. Returns one dict per build, naming what it built."""
-    jobs = [(kernel, d, causal, c, arch) for kernel in KERNELS for d, cs in CANDIDATES[kernel].items() for c in cs
+    """build() the candidates of every kernel and head dim, causal and not, for each arch,
+    in parallel processes: all that one of `archs` keeps, on each of them, so that a tile
+    one GPU keeps shows what it would cost the other. Returns one dict per build, naming
+    what it built and whether that arch keeps it (`kept`)."""
+    jobs = [(kernel, d, causal, c, arch) for kernel in KERNELS for d in CANDIDATES[80][kernel]
+            for c in dict.fromkeys(c for a in archs for c in candidates(kernel, d, a))  # in list order, once each
             for causal in (True, False) for arch in archs]
     with concurrent.futures.ProcessPoolExecutor(processes) as pool:
         results = pool.map(build, *zip(*jobs))
-        return [dict(kernel=kernel, head_dim=d, causal=causal, candidate=c, arch=arch, **result)
+        return [dict(kernel=kernel, head_dim=d, causal=causal, candidate=c, arch=arch,
+                     kept=c in candidates(kernel, d, arch), **result)
                 for (kernel, d, causal, c, arch), result in zip(jobs, results)]
