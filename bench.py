@@ -399,10 +399,11 @@ def bench_kernels():
         print(f"\n### Kernels\n\nneeds the ptxas and cuobjdump that triton's wheel ships ({e}): skipped")
         return
     rows = flash.report()
-    header("flash.py's kernels compiled for sm_90 (H100) and sm_80 (A100): every kept autotune candidate, bf16 "
-           "(`python bench.py kernels`)", {"triton": triton.__version__})
+    header("flash.py's kernels compiled for sm_90 (H100) and sm_80 (A100): every autotune candidate that either GPU "
+           "keeps, bf16 (`python bench.py kernels`)", {"triton": triton.__version__})
     print("Registers per thread (causal, not causal), bytes spilled, shared memory, and whether the binary uses wgmma "
-          "and cp.async.\n")
+          "and cp.async. Each GPU keeps its own list (flash.CANDIDATES); a tile it does not keep is built for it too, "
+          "to show what it would cost there, and marked (not kept).\n")
     print("| kernel | d | BLOCK_M x BLOCK_N, warps, stages | sm_90 registers | spill | shared KB | wgmma | cp.async | "
           "sm_80 registers | spill | shared KB | wgmma | cp.async |")
     print("|---|---:|---|---:|---:|---:|---|---|---:|---:|---:|---|---|")
@@ -412,7 +413,8 @@ def bench_kernels():
 
     def cells(rs):
         uses = ["yes" if all(r[key] for r in rs) else "no" for key in ("wgmma", "cp_async")]
-        return [", ".join(str(r["registers"]) for r in rs), str(max(r["spill"] for r in rs)),
+        registers = ", ".join(str(r["registers"]) for r in rs)
+        return [registers if rs[0]["kept"] else f"({registers}) not kept", str(max(r["spill"] for r in rs)),
                 f"{max(r['shared'] for r in rs) / 1024:.0f}", *uses]
 
     for (kernel, d, (m, n, warps, stages)), by_arch in builds.items():
