@@ -2697,6 +2697,11 @@ def new_domain(tiny_data, tmp_path_factory):
     return d / "data"
 
 
+def base_model_logits(path, x):
+    with torch.no_grad():
+        return checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(path)).eval()(x, all_logits=True)[0]
+
+
 def test_train_lora_fine_tunes_a_checkpoint(tiny_data, tiny_checkpoint, new_domain, tmp_path):
     base = str(tiny_checkpoint / "ckpt.pt")
     before = pathlib.Path(base).read_bytes()
@@ -2736,12 +2741,19 @@ def test_train_lora_fine_tunes_a_checkpoint(tiny_data, tiny_checkpoint, new_doma
     assert {k.rsplit(".", 1)[1] for k in saved if k.startswith("model.")} == {"A", "B", "m"}
     assert val_loss(checkpoint.model_from_checkpoint(ckpt), str(new_domain / "docs"), 1024) == \
         pytest.approx(sharded[-1]["val_loss"], rel=1e-5)
-    # sample.py loads the base, adds the adapters and merges them
-    base_model = checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(base))  # put together by hand
+    # sample.py loads the base, adds the adapters and merges them: its greedy text is the
+    # adapted model's, put together by hand and run unmerged (the base plus its adapters)
+    base_model = checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(base))
     by_hand = model.add_lora(base_model, 4, 8.0, 0.0, "attn,mlp", "dora")
     adapters = checkpoint.load_checkpoint(str(tmp_path / "a" / "ckpt.pt"))
     by_hand.load_state_dict(adapters["model"], strict=False)
-    sampled_greedily([f"--out_dir={tmp_path / 'a'}"], model.merge_lora(by_hand), checkpoint.tokenizer(adapters["tokenizer"]))
+    sampled_greedily([f"--out_dir={tmp_path / 'a'}"], by_hand, checkpoint.tokenizer(adapters["tokenizer"]))
+    x = torch.randint(0, 300, (2, 32))
+    with torch.no_grad():
+        unmerged = by_hand(x, all_logits=True)[0]
+        assert (unmerged - base_model_logits(base, x)).abs().max() > 0.05  # the adapters matter here
+        torch.testing.assert_close(model.merge_lora(copy.deepcopy(by_hand))(x, all_logits=True)[0], unmerged,
+                                   rtol=1e-4, atol=1e-4)
     # with dropout (its masks come from the RNG that checkpoints keep), on one layer of each
     # block: the qkv adapters only, a resume as exact as before, and the masks do change the run
     drop = [*lora, "--lora_dropout=0.3", "--lora_targets=qkv", "--max_steps=8", "--eval_interval=4"]
@@ -2959,9 +2971,13 @@ def test_sample_a_fine_tuned_pretrained_directory(tmp_path, tiny_data):
         vocab_size=400, special_tokens=["<|endoftext|>"], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-        vocab_size=400, max_position_embeddings=64, bos_token_id=0, eos_token_id=0)).save_pretrained(pretrained)
+        vocab_size=400, max_position_embeddings=64, bos_token_id=0, eos_token_id=0))
+    for p in llama.parameters():  # matrices sharper than the init's, so that every layer sways the greedy text
+        if p.dim() == 2:
+            p.data.normal_(0, 0.15)
+    llama.save_pretrained(pretrained)
     tok.save(str(pretrained / "tokenizer.json"))
     data = tmp_path / "data"
     run = subprocess.run([sys.executable, "prepare.py", f"--data_dir={data}", "--max_docs=20", f"--tokenizer={pretrained}"],
@@ -2975,7 +2991,7 @@ def test_sample_a_fine_tuned_pretrained_directory(tmp_path, tiny_data):
     bad, _ = train(tiny_data, tmp_path / "bad", f"--init_from={pretrained}", "--max_steps=2")
     assert bad.returncode == 1 and "was tokenized with another tokenizer" in bad.stderr, bad.stderr
     val = [r["val_loss"] for r in logs if "val_loss" in r]
-    assert len(val) == 2 and val[1] < val[0] - 0.5  # from a random model's ~ln(400) = 6.0
+    assert len(val) == 2 and val[1] < val[0] - 0.5  # it learns from a random model
     ckpt = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=False)
     assert ckpt["model_config"]["n_kv_head"] == 2 and ckpt["model_config"]["norm"] == "rmsnorm"
     # sample.py's greedy text, from the fine-tuned checkpoint and from the directory itself,
